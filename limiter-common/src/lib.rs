@@ -1,0 +1,251 @@
+//! Definitions shared by the XDP program (`limiter-ebpf`) and the agent (`limiter-user`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields, so both sides agree on
+//! the bytes: the kernel hashes map keys byte by byte, and a key with uninitialized padding
+//! would never be found again. The `user` feature adds the `aya::Pod` and `bytemuck` impls the
+//! agent needs; the XDP program builds this crate without it.
+
+#![no_std]
+
+pub mod window;
+
+#[cfg(feature = "user")]
+pub mod allowance;
+
+/// Names of the maps in the XDP object. The agent opens and pins them by these names.
+pub mod map_names {
+    pub const RULES: &str = "RULES";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const GRANTS: &str = "GRANTS";
+    pub const STATS: &str = "STATS";
+}
+
+/// Maximum number of rules the `RULES` map holds.
+pub const MAX_RULES: u32 = 256;
+
+/// Default number of keys tracked per gateway; the agent can set another size at load time.
+pub const DEFAULT_MAX_KEYS: u32 = 65_536;
+
+/// VLAN tags parsed before a frame counts as `VlanTooDeep`: 802.1Q plus one 802.1ad outer tag.
+pub const MAX_VLAN_TAGS: usize = 2;
+
+/// IPv6 extension headers walked before a packet counts as `Ipv6ChainTooLong`.
+pub const MAX_IPV6_EXTENSION_HEADERS: usize = 6;
+
+/// Shortest and longest window a rule may have. The upper bound keeps the fixed-point window
+/// weight in [`window`] from overflowing 64 bits.
+pub const MIN_WINDOW_NS: u64 = 10_000_000;
+pub const MAX_WINDOW_NS: u64 = 3_600_000_000_000;
+
+/// IP protocol numbers the parser understands.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Values of [`FlowKey::family`].
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Traffic a rule applies to: an IP protocol and a destination port, where 0 means any.
+///
+/// The XDP program looks up (protocol, port), then (protocol, any port), then (any, any), so
+/// the most specific rule wins.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RuleMatch {
+    /// IP protocol number, 0 for any protocol.
+    pub protocol: u8,
+    pub _padding: u8,
+    /// Destination port in host byte order, 0 for any port.
+    pub dst_port: u16,
+}
+
+impl RuleMatch {
+    pub const fn new(protocol: u8, dst_port: u16) -> Self {
+        Self { protocol, _padding: 0, dst_port }
+    }
+}
+
+/// A limit on each source key of the traffic one [`RuleMatch`] selects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Rule {
+    /// Identifier the agent assigns; part of every [`FlowKey`] of this rule.
+    pub id: u32,
+    /// Prefix length an IPv4 source is masked to (0..=32).
+    pub ipv4_prefix_len: u8,
+    /// Prefix length an IPv6 source is masked to (0..=128).
+    pub ipv6_prefix_len: u8,
+    /// 1 when each destination port of a source is limited separately, else 0.
+    pub key_by_dst_port: u8,
+    pub _padding: u8,
+    /// Packets each key may pass per window, fleet-wide.
+    pub limit: u64,
+    /// Packets each key may pass per window on this gateway while it holds no valid grant
+    /// from the agent: the limit divided by the number of gateways last seen.
+    pub fallback_limit: u64,
+    /// Window length in nanoseconds, within [`MIN_WINDOW_NS`, `MAX_WINDOW_NS`].
+    pub window_ns: u64,
+}
+
+/// The unit a rule limits: one masked source address (and port, if the rule says so).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowKey {
+    pub rule_id: u32,
+    /// Destination port in host byte order when the rule keys by port, else 0.
+    pub dst_port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub prefix_len: u8,
+    /// Source address in network byte order, masked to `prefix_len`. An IPv4 address fills
+    /// the first 4 bytes and the rest stays zero.
+    pub addr: [u8; 16],
+}
+
+/// A sliding-window counter: packets counted in the current and the previous window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SlidingWindow {
+    /// Index of the current window: time divided by the window length.
+    pub window_id: u64,
+    pub current: u64,
+    pub previous: u64,
+}
+
+/// Per-CPU state of one key in `COUNTERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct KeyCounter {
+    /// Packets of this key seen on this CPU since the entry was created. Only grows, so the
+    /// agent takes deltas between ticks without resetting anything.
+    pub offered: u64,
+    /// Packets of this key passed on this CPU since the entry was created.
+    pub passed: u64,
+    /// Window this CPU enforces on its own while the key holds no valid grant.
+    pub fallback_window: SlidingWindow,
+}
+
+/// Per-CPU admission grant of one key in `GRANTS`, written by the agent every tick.
+///
+/// The CPU may pass packets while its `KeyCounter::passed` is below `passed_ceiling`. Stating
+/// the grant as a ceiling on a counter that only grows, rather than as a fresh allowance,
+/// means packets passed between the agent's read and its write are not passed twice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Grant {
+    pub passed_ceiling: u64,
+    /// `CLOCK_MONOTONIC` time in nanoseconds after which the grant no longer counts and the
+    /// CPU falls back to the rule's `fallback_limit`.
+    pub expires_ns: u64,
+}
+
+/// Why the program returned its verdict. Each packet is counted once, under one reason, in
+/// the per-CPU `STATS` array indexed by this value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Within its grant or fallback limit: `XDP_PASS`.
+    Passed = 0,
+    /// IP traffic that no rule selects: `XDP_PASS`.
+    NoRule = 1,
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): `XDP_PASS`.
+    NotIp = 2,
+    /// Over the rule's fallback limit while the key holds no valid grant: `XDP_DROP`.
+    DroppedLocalLimit = 3,
+    /// Over the grant the agent computed from fleet-wide counts: `XDP_DROP`.
+    DroppedGlobalLimit = 4,
+    /// A header is cut short or inconsistent (IHL below 5, total length below the header):
+    /// `XDP_DROP`, because the kernel would discard the packet anyway.
+    Malformed = 5,
+    /// More than [`MAX_VLAN_TAGS`] VLAN tags: `XDP_DROP`.
+    VlanTooDeep = 6,
+    /// More than [`MAX_IPV6_EXTENSION_HEADERS`] extension headers: `XDP_DROP`.
+    Ipv6ChainTooLong = 7,
+    /// The `COUNTERS` map rejected a new key: `XDP_PASS`, counted so the operator can see
+    /// traffic that went unlimited and grow the map.
+    Untracked = 8,
+}
+
+/// Number of [`Reason`] values, and so the size of the `STATS` array.
+pub const REASON_COUNT: u32 = 9;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::Passed,
+        Reason::NoRule,
+        Reason::NotIp,
+        Reason::DroppedLocalLimit,
+        Reason::DroppedGlobalLimit,
+        Reason::Malformed,
+        Reason::VlanTooDeep,
+        Reason::Ipv6ChainTooLong,
+        Reason::Untracked,
+    ];
+
+    /// Name used in `limiter stats` and in metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Passed => "passed",
+            Reason::NoRule => "no_rule",
+            Reason::NotIp => "not_ip",
+            Reason::DroppedLocalLimit => "dropped_local_limit",
+            Reason::DroppedGlobalLimit => "dropped_global_limit",
+            Reason::Malformed => "malformed",
+            Reason::VlanTooDeep => "vlan_too_deep",
+            Reason::Ipv6ChainTooLong => "ipv6_chain_too_long",
+            Reason::Untracked => "untracked",
+        }
+    }
+
+    /// Whether packets counted under this reason are dropped.
+    pub const fn drops(self) -> bool {
+        matches!(
+            self,
+            Reason::DroppedLocalLimit
+                | Reason::DroppedGlobalLimit
+                | Reason::Malformed
+                | Reason::VlanTooDeep
+                | Reason::Ipv6ChainTooLong
+        )
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, made only of integers and byte arrays, with every
+    // padding byte spelled out as a field, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::RuleMatch {}
+    unsafe impl aya::Pod for super::Rule {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::KeyCounter {}
+    unsafe impl aya::Pod for super::Grant {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn map_types_have_no_implicit_padding() {
+        assert_eq!(size_of::<RuleMatch>(), 4);
+        assert_eq!(size_of::<Rule>(), 32);
+        assert_eq!(size_of::<FlowKey>(), 24);
+        assert_eq!(size_of::<SlidingWindow>(), 24);
+        assert_eq!(size_of::<KeyCounter>(), 40);
+        assert_eq!(size_of::<Grant>(), 16);
+    }
+
+    #[test]
+    fn reason_table_matches_discriminants() {
+        for (index, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{}", reason.name());
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! `limiter agent`: attaches the program, serves the control socket, and reconciles counts
+//! with the fleet every sync interval until SIGINT or SIGTERM.
+//!
+//! The packet path never waits for the agent: if Redis is slow or gone, grants expire and the
+//! program enforces each rule's fallback limit until the agent reaches Redis again.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    control::{self, AgentStatus, MAX_REQUEST_BYTES, Request, Response},
+    datapath::{self, AttachMode, Maps},
+    reconcile::Reconciler,
+    rule_table::RuleTable,
+    store::Store,
+};
+
+/// Settings of one agent, from the command line.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub iface: String,
+    pub mode: AttachMode,
+    pub redis_url: String,
+    pub sync_interval: Duration,
+    pub node_id: String,
+    pub max_keys: u32,
+    pub redis_timeout: Duration,
+}
+
+/// State shared by the tick loop and the control socket.
+struct Shared {
+    maps: Mutex<Maps>,
+    rules: Mutex<RuleTable>,
+    status: Mutex<AgentStatus>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every guarded update is complete before any call that could panic, so a poisoned lock
+    // still guards consistent data.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs the agent until it receives SIGINT or SIGTERM.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let AgentConfig { iface, mode, redis_url, sync_interval, node_id, max_keys, redis_timeout } = config.clone();
+
+    // Step 1: attach the program, or adopt the one pinned by an earlier run.
+    let attachment = datapath::attach(&iface, mode, max_keys)?;
+    let maps = Maps::open(&iface)?;
+    let rules = RuleTable::load(&maps)?;
+    let cpus = aya::util::nr_cpus().map_err(|(path, error)| anyhow::anyhow!("failed to read {path}: {error}"))?;
+    info!(iface, node_id, %attachment, rules = rules.views().len(), cpus, "agent started");
+
+    let store = Store::connect(&redis_url, redis_timeout)?;
+    let shared = Arc::new(Shared {
+        maps: Mutex::new(maps),
+        rules: Mutex::new(rules),
+        status: Mutex::new(AgentStatus {
+            iface: iface.clone(),
+            node_id: node_id.clone(),
+            attachment,
+            redis_url: control::redact_url(&redis_url),
+            store_reachable: false,
+            sync_interval_ms: sync_interval.as_millis() as u64,
+            gateways_seen: 1,
+            ticks: 0,
+            last_tick_ms: 0.0,
+            last_tick: Default::default(),
+            failed_ticks: 0,
+        }),
+    });
+
+    // Step 2: serve the control socket.
+    let listener = bind_control_socket(&iface)?;
+    let socket_path = control::socket_path(&iface);
+    let server = tokio::spawn(serve_control(listener, shared.clone()));
+
+    // Step 3: reconcile every interval until told to stop.
+    let result = tick_loop(&config, &store, shared, cpus).await;
+
+    server.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    info!(iface, "agent stopped; the program stays attached and enforces fallback limits until `limiter detach`");
+    result
+}
+
+async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpus: usize) -> anyhow::Result<()> {
+    // Grants outlive a few missed ticks, so one slow Redis reply does not reset every key
+    // to its fallback limit.
+    let grant_lifetime = config.sync_interval * 3;
+    let gateway_alive = (config.sync_interval * 10).max(Duration::from_secs(2));
+    let mut reconciler = Reconciler::new(store.clone(), grant_lifetime, cpus);
+
+    let mut interval = tokio::time::interval(config.sync_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut terminate = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
+
+    let mut store_reachable: Option<bool> = None;
+    // While Redis is unreachable, ticks are skipped with a doubling backoff, capped low so
+    // reconciliation resumes within two ticks of Redis coming back.
+    let mut skip_ticks = 0u32;
+    let mut backoff_ticks = 1u32;
+    const MAX_BACKOFF_TICKS: u32 = 2;
+
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+        }
+        if skip_ticks > 0 {
+            skip_ticks -= 1;
+            continue;
+        }
+        let started = Instant::now();
+
+        // The heartbeat counts live gateways, which sets each rule's fallback limit.
+        let heartbeat = store.heartbeat(&config.node_id, gateway_alive).await;
+        if let Ok(gateways) = heartbeat {
+            let mut maps = lock(&shared.maps);
+            let mut rules = lock(&shared.rules);
+            if gateways != rules.gateways() {
+                info!(gateways, "gateway count changed, updating fallback limits");
+                if let Err(error) = rules.set_gateways(gateways, &mut maps) {
+                    error!(error = format!("{error:#}"), "failed to update fallback limits");
+                }
+            }
+        }
+
+        let rules_by_id = lock(&shared.rules).by_id();
+        let report = reconciler.tick(&shared.maps, &rules_by_id).await;
+        let elapsed = started.elapsed();
+
+        // Log store state changes once, not per tick or per key.
+        let reachable = heartbeat.is_ok() && report.failed_calls == 0;
+        if store_reachable != Some(reachable) {
+            if reachable {
+                info!(keys = report.keys_synced, "redis reachable, reconciling fleet-wide counts");
+            } else {
+                let error = match &heartbeat {
+                    Err(error) => error.to_string(),
+                    Ok(_) => report.first_error.clone().unwrap_or_default(),
+                };
+                warn!(%error, "redis unreachable; grants will expire and fallback limits apply until it returns");
+            }
+            store_reachable = Some(reachable);
+        }
+        if reachable {
+            backoff_ticks = 1;
+        } else {
+            skip_ticks = backoff_ticks - 1;
+            backoff_ticks = (backoff_ticks * 2).min(MAX_BACKOFF_TICKS);
+        }
+        if elapsed > config.sync_interval {
+            warn!(elapsed_ms = elapsed.as_millis() as u64, keys = report.keys_tracked, "tick took longer than the sync interval");
+        }
+        debug!(elapsed_us = elapsed.as_micros() as u64, ?report, "tick");
+
+        let mut status = lock(&shared.status);
+        status.store_reachable = reachable;
+        status.gateways_seen = lock(&shared.rules).gateways();
+        status.ticks += 1;
+        status.failed_ticks += u64::from(!reachable);
+        status.last_tick_ms = elapsed.as_secs_f64() * 1000.0;
+        status.last_tick = report;
+    }
+}
+
+fn bind_control_socket(iface: &str) -> anyhow::Result<UnixListener> {
+    let path = control::socket_path(iface);
+    std::fs::create_dir_all(control::SOCKET_DIR)
+        .with_context(|| format!("failed to create {}", control::SOCKET_DIR))?;
+    if path.exists() {
+        // A live agent would answer; a socket nobody listens on is left by a crash.
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            anyhow::bail!("another agent is already running on {iface} ({} answers): stop it first", path.display());
+        }
+        std::fs::remove_file(&path).with_context(|| format!("failed to remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(&path).with_context(|| format!("failed to bind {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to set mode 0600 on {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn serve_control(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                warn!(%error, "failed to accept a control connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(error) = serve_connection(stream, shared).await {
+                debug!(%error, "control connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()> {
+    // The socket's mode already keeps others out; the credential check also covers a socket
+    // whose mode someone loosened.
+    let uid = stream.peer_cred()?.uid();
+    let (reader, mut writer) = stream.into_split();
+    if uid != 0 {
+        warn!(uid, "rejected control connection from a non-root user");
+        let response = Response::Error { message: "permission denied: run the command as root".into() };
+        write_response(&mut writer, &response).await?;
+        return Ok(());
+    }
+
+    let mut reader = BufReader::new(reader.take(MAX_REQUEST_BYTES as u64 + 1));
+    let mut line = String::new();
+    while reader.read_line(&mut line).await? > 0 {
+        let response = if line.len() > MAX_REQUEST_BYTES || !line.ends_with('\n') {
+            Response::Error { message: format!("request too long or unterminated: the limit is {MAX_REQUEST_BYTES} bytes") }
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => handle_request(request, &shared),
+                Err(error) => Response::Error { message: format!("invalid request: {error}") },
+            }
+        };
+        write_response(&mut writer, &response).await?;
+        if matches!(response, Response::Error { .. }) && line.len() > MAX_REQUEST_BYTES {
+            break;
+        }
+        line.clear();
+    }
+    Ok(())
+}
+
+async fn write_response(writer: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> anyhow::Result<()> {
+    let mut line = serde_json::to_string(response)?;
+    line.push('\n');
+    writer.write_all(line.as_bytes()).await?;
+    Ok(())
+}
+
+fn handle_request(request: Request, shared: &Shared) -> Response {
+    let outcome = match request {
+        Request::LimitAdd { rule } => {
+            let mut maps = lock(&shared.maps);
+            lock(&shared.rules).add(&rule, &mut maps).map(|view| {
+                info!(rule = view.id, traffic = view.spec.describe_match(), rate = view.spec.rate, "rule set");
+                Response::Rule { rule: view }
+            })
+        }
+        Request::LimitRemove { id } => {
+            let mut maps = lock(&shared.maps);
+            lock(&shared.rules).remove(id, &mut maps).map(|()| {
+                info!(rule = id, "rule removed");
+                Response::Removed { id }
+            })
+        }
+        Request::LimitList => Ok(Response::Rules { rules: lock(&shared.rules).views() }),
+        Request::Status => Ok(Response::Status { status: Box::new(lock(&shared.status).clone()) }),
+    };
+    outcome.unwrap_or_else(|error| Response::Error { message: format!("{error:#}") })
+}

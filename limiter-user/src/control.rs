@@ -1,0 +1,146 @@
+//! The agent's control socket: one JSON request per line, one JSON response per line.
+//!
+//! The socket is `/run/limiter/<iface>.sock`, mode 0600, and the agent also checks that each
+//! peer runs as root, because whoever talks to it can lift any limit.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixStream,
+};
+
+use crate::{datapath::Attachment, reconcile::TickReport, rules::RuleSpec};
+
+/// Folder of the agents' control sockets.
+pub const SOCKET_DIR: &str = "/run/limiter";
+
+/// Longest request line the agent reads; anything longer is rejected.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Returns the control socket path of the agent on `iface`.
+pub fn socket_path(iface: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{iface}.sock"))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    LimitAdd { rule: RuleSpec },
+    LimitRemove { id: u32 },
+    LimitList,
+    Status,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    Rule { rule: RuleView },
+    Removed { id: u32 },
+    Rules { rules: Vec<RuleView> },
+    Status { status: Box<AgentStatus> },
+    Error { message: String },
+}
+
+/// A rule as `limit list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleView {
+    pub id: u32,
+    #[serde(flatten)]
+    pub spec: RuleSpec,
+    /// Limit this gateway enforces alone while it holds no grant.
+    pub fallback_limit: u64,
+}
+
+/// What `limiter status` reports about a running agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub iface: String,
+    pub node_id: String,
+    pub attachment: Attachment,
+    /// Redis URL with any password replaced by `***`.
+    pub redis_url: String,
+    pub store_reachable: bool,
+    pub sync_interval_ms: u64,
+    pub gateways_seen: u64,
+    pub ticks: u64,
+    pub last_tick_ms: f64,
+    pub last_tick: TickReport,
+    pub failed_ticks: u64,
+}
+
+/// Sends one request to the agent on `iface` and returns its response.
+pub async fn request(iface: &str, request: &Request) -> anyhow::Result<Response> {
+    let path = socket_path(iface);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(stream) => stream,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => bail!(
+            "no agent is running on {iface} ({} does not exist): start one with `limiter agent --iface {iface} --redis URL`",
+            path.display()
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            bail!("permission denied on {}: run the command as root", path.display())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => bail!(
+            "no agent is listening on {} (a stale socket): start `limiter agent --iface {iface}`",
+            path.display()
+        ),
+        Err(error) => return Err(error).with_context(|| format!("failed to connect to {}", path.display())),
+    };
+
+    let (reader, mut writer) = stream.into_split();
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    writer.write_all(line.as_bytes()).await?;
+
+    let mut response = String::new();
+    let mut reader = BufReader::new(reader);
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut response))
+        .await
+        .context("the agent did not answer within 10 s: check its log")??;
+    if response.is_empty() {
+        bail!("the agent closed the connection without a response: check its log");
+    }
+    serde_json::from_str(&response).with_context(|| format!("invalid response from the agent: {response:?}"))
+}
+
+/// Replaces the password of a Redis URL with `***`, so it never reaches a log or `status`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_passwords() {
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact_url("redis://user:secret@host:6379/0"), "redis://user:***@host:6379/0");
+        assert_eq!(redact_url("rediss://:secret@host"), "rediss://:***@host");
+        assert_eq!(redact_url("redis://secret@host"), "redis://***@host");
+        assert_eq!(redact_url("redis://u:p@ss@host"), "redis://u:***@host");
+    }
+
+    #[test]
+    fn request_wire_format_is_tagged() {
+        let json = serde_json::to_string(&Request::LimitRemove { id: 3 }).unwrap();
+        assert_eq!(json, r#"{"request":"limit_remove","id":3}"#);
+        let parsed: Request = serde_json::from_str(r#"{"request":"status"}"#).unwrap();
+        assert_eq!(parsed, Request::Status);
+    }
+}

@@ -1,0 +1,248 @@
+//! Loading, attaching and detaching the XDP program, and opening its pinned maps.
+//!
+//! Everything lives under `/sys/fs/bpf/limiter/<iface>/`: the four maps, pinned by name, and
+//! the XDP link, pinned as `link`. Because the link is pinned, the program stays attached and
+//! keeps enforcing when the agent exits or crashes, and the next agent adopts the same maps
+//! without resetting any counter.
+
+use std::{
+    ffi::CString,
+    fmt, fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use limiter_common::{FlowKey, Grant, KeyCounter, Rule, RuleMatch, map_names};
+use tracing::{info, warn};
+
+/// The XDP object, built by `build.rs` from the `limiter-ebpf` crate.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/limiter-ebpf"));
+
+/// Name of the XDP function in the object.
+const PROGRAM_NAME: &str = "limiter";
+
+/// Folder under which each interface gets a folder of pins.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/limiter";
+
+const LINK_PIN: &str = "link";
+
+/// How the operator asked for the program to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to skb mode if the driver refuses it.
+    Auto,
+    /// Native mode only; fail if the driver refuses it.
+    Native,
+    /// Generic skb mode, which works on every interface but runs after the kernel has
+    /// allocated a socket buffer.
+    Skb,
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attachment {
+    Native,
+    Skb,
+    /// Native mode was refused, so skb mode is in use; carries the refusal.
+    SkbFallback { native_error: String },
+    /// An earlier `limiter attach` or agent left the program attached and pinned.
+    Adopted,
+}
+
+impl fmt::Display for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attachment::Native => f.write_str("native"),
+            Attachment::Skb => f.write_str("skb"),
+            Attachment::SkbFallback { native_error } => {
+                write!(f, "skb (native mode was refused: {native_error})")
+            }
+            Attachment::Adopted => f.write_str("adopted from pinned link"),
+        }
+    }
+}
+
+/// Returns the folder of pins for `iface`.
+pub fn pin_dir(iface: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(iface)
+}
+
+/// Returns the interface index of `iface`, or an error naming it.
+pub fn interface_index(iface: &str) -> anyhow::Result<u32> {
+    let name = CString::new(iface).map_err(|_| anyhow!("invalid interface name {iface:?}: contains a NUL byte"))?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("interface {iface} not found: list interfaces with `ip link` and pass one of them with --iface");
+    }
+    Ok(index)
+}
+
+/// Attaches the program to `iface` and pins it, or adopts an attachment pinned earlier.
+///
+/// `max_keys` sizes the counter and grant maps when they are created; pinned maps keep the
+/// size they were created with.
+pub fn attach(iface: &str, mode: AttachMode, max_keys: u32) -> anyhow::Result<Attachment> {
+    interface_index(iface)?;
+    let dir = pin_dir(iface);
+    let link_path = dir.join(LINK_PIN);
+
+    // Step 1: adopt a link pinned by an earlier run, if it is still alive.
+    if link_path.exists() {
+        match PinnedLink::from_pin(&link_path) {
+            Ok(_) => {
+                info!(iface, pin = %link_path.display(), "adopting pinned XDP link and maps");
+                return Ok(Attachment::Adopted);
+            }
+            Err(error) => {
+                warn!(iface, %error, "pinned XDP link is stale, attaching afresh");
+                fs::remove_file(&link_path)
+                    .with_context(|| format!("failed to remove stale pin {}", link_path.display()))?;
+            }
+        }
+    }
+
+    // Step 2: load the object, creating the maps or reusing those pinned in `dir`.
+    ensure_bpf_fs()?;
+    fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .map_max_entries(map_names::COUNTERS, max_keys)
+        .map_max_entries(map_names::GRANTS, max_keys)
+        .load(EBPF_OBJECT)
+        .context("failed to load the XDP object: run as root on Linux 5.11 or later")?;
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("the XDP object has no program named {PROGRAM_NAME}"))?
+        .try_into()?;
+    program.load().context("the kernel verifier rejected the XDP program")?;
+
+    // Step 3: attach in the requested mode, falling back from native to skb under `auto`.
+    let (link_id, attachment) = match mode {
+        AttachMode::Native => {
+            let link = program.attach(iface, XdpMode::Driver).map_err(|error| native_refused(iface, error))?;
+            (link, Attachment::Native)
+        }
+        AttachMode::Skb => (program.attach(iface, XdpMode::Skb).with_context(|| attach_failed(iface, "skb"))?, Attachment::Skb),
+        AttachMode::Auto => match program.attach(iface, XdpMode::Driver) {
+            Ok(link) => (link, Attachment::Native),
+            Err(native_error) => {
+                let native_error = format!("{:#}", native_refused(iface, native_error));
+                warn!(iface, error = %native_error, "native XDP refused, attaching in skb mode");
+                let link = program.attach(iface, XdpMode::Skb).with_context(|| attach_failed(iface, "skb"))?;
+                (link, Attachment::SkbFallback { native_error })
+            }
+        },
+    };
+
+    // Step 4: pin the link, so the program outlives this process.
+    let link = program.take_link(link_id)?;
+    let fd_link = FdLink::try_from(link).context(
+        "the kernel attached XDP through netlink instead of a BPF link, which cannot be pinned: Linux 5.9 or later is needed",
+    )?;
+    fd_link
+        .pin(&link_path)
+        .with_context(|| format!("failed to pin the XDP link at {}", link_path.display()))?;
+    info!(iface, mode = %attachment, "attached XDP program");
+    Ok(attachment)
+}
+
+/// Mounts the BPF file system on /sys/fs/bpf unless it is mounted already, as bpftool does;
+/// pins cannot live anywhere else.
+fn ensure_bpf_fs() -> anyhow::Result<()> {
+    const BPF_FS: &str = "/sys/fs/bpf";
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+    let path = CString::new(BPF_FS).expect("constant path has no NUL byte");
+    // SAFETY: `statfs` is plain data that the call fills in; `path` is NUL-terminated.
+    let mut info: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call.
+    if unsafe { libc::statfs(path.as_ptr(), &mut info) } == 0 && info.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fs_type = CString::new("bpf").expect("constant has no NUL byte");
+    // SAFETY: all strings are NUL-terminated and outlive the call; no mount data is passed.
+    if unsafe { libc::mount(fs_type.as_ptr(), path.as_ptr(), fs_type.as_ptr(), 0, std::ptr::null()) } != 0 {
+        let error = io::Error::last_os_error();
+        bail!("the BPF file system is not mounted on {BPF_FS} and mounting it failed: {error}; run `mount -t bpf bpf {BPF_FS}` as root");
+    }
+    info!(path = BPF_FS, "mounted the BPF file system");
+    Ok(())
+}
+
+fn native_refused(iface: &str, error: aya::programs::ProgramError) -> anyhow::Error {
+    anyhow::Error::new(error).context(format!(
+        "failed to attach XDP to {iface} in native mode: the driver may lack native XDP, or the MTU may be \
+         too large for it (veth needs MTU 3498 or less without multi-buffer support); try --mode skb"
+    ))
+}
+
+fn attach_failed(iface: &str, mode: &str) -> String {
+    format!("failed to attach XDP to {iface} in {mode} mode: is another XDP program attached? check `ip link show {iface}`")
+}
+
+/// Detaches the program from `iface` and removes its pins. Returns false if nothing was pinned.
+pub fn detach(iface: &str) -> anyhow::Result<bool> {
+    let dir = pin_dir(iface);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    // Removing the link pin drops the last reference to the link, which detaches the
+    // program. Only the names this program pins are removed, nothing else in the folder.
+    for name in [LINK_PIN, map_names::RULES, map_names::COUNTERS, map_names::GRANTS, map_names::STATS] {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error).with_context(|| format!("failed to remove {}", path.display())),
+        }
+    }
+    if let Err(error) = fs::remove_dir(&dir) {
+        warn!(dir = %dir.display(), %error, "left the pin folder in place because it is not empty");
+    }
+    info!(iface, "detached XDP program");
+    Ok(true)
+}
+
+/// The program's maps, opened from their pins.
+pub struct Maps {
+    pub rules: HashMap<MapData, RuleMatch, Rule>,
+    pub counters: PerCpuHashMap<MapData, FlowKey, KeyCounter>,
+    pub grants: PerCpuHashMap<MapData, FlowKey, Grant>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    /// Opens the maps pinned for `iface`.
+    pub fn open(iface: &str) -> anyhow::Result<Self> {
+        let dir = pin_dir(iface);
+        if !dir.join(map_names::RULES).exists() {
+            bail!(
+                "no limiter is attached to {iface} ({} has no pinned maps): start `limiter agent --iface {iface}` or run `limiter attach --iface {iface}`",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            rules: open_pinned(&dir, map_names::RULES)?.try_into()?,
+            counters: open_pinned(&dir, map_names::COUNTERS)?.try_into()?,
+            grants: open_pinned(&dir, map_names::GRANTS)?.try_into()?,
+            stats: open_pinned(&dir, map_names::STATS)?.try_into()?,
+        })
+    }
+}
+
+fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("failed to open pinned map {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}

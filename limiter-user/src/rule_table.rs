@@ -1,0 +1,104 @@
+//! The rule set in the `RULES` map, with the ids and fallback limits the agent manages.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Context as _, bail};
+use limiter_common::{FlowKey, MAX_RULES, Rule, RuleMatch};
+
+use crate::{
+    control::RuleView,
+    datapath::Maps,
+    rules::{RuleSpec, fallback_limit},
+};
+
+/// Rules by the traffic they select, mirrored in the `RULES` map.
+#[derive(Debug, Default)]
+pub struct RuleTable {
+    rules: BTreeMap<RuleMatch, Rule>,
+    /// Gateways last seen alive, which sets each rule's fallback limit.
+    gateways: u64,
+}
+
+impl RuleTable {
+    /// Reads the rules already in the map, so a restarted agent keeps their ids and counters.
+    pub fn load(maps: &Maps) -> anyhow::Result<Self> {
+        let mut rules = BTreeMap::new();
+        for entry in maps.rules.iter() {
+            let (rule_match, rule) = entry.context("failed to read the RULES map")?;
+            rules.insert(rule_match, rule);
+        }
+        Ok(Self { rules, gateways: 1 })
+    }
+
+    /// Adds a rule, or changes the limit of the rule that selects the same traffic. A changed
+    /// rule keeps its id, so its keys keep their counts.
+    pub fn add(&mut self, spec: &RuleSpec, maps: &mut Maps) -> anyhow::Result<RuleView> {
+        spec.validate()?;
+        let rule_match = spec.rule_match();
+        let id = match self.rules.get(&rule_match) {
+            Some(existing) => existing.id,
+            None => {
+                if self.rules.len() >= MAX_RULES as usize {
+                    bail!("rule table is full ({MAX_RULES} rules): remove a rule with `limiter limit remove ID` first");
+                }
+                self.next_id()
+            }
+        };
+        let rule = spec.to_rule(id, self.gateways);
+        maps.rules.insert(rule_match, rule, 0).context("failed to write the RULES map")?;
+        self.rules.insert(rule_match, rule);
+        Ok(view(&rule_match, &rule))
+    }
+
+    /// Removes rule `id` with the counters and grants of its keys.
+    pub fn remove(&mut self, id: u32, maps: &mut Maps) -> anyhow::Result<()> {
+        let Some(rule_match) = self.rules.iter().find(|(_, rule)| rule.id == id).map(|(m, _)| *m) else {
+            bail!("rule {id} not found: list rules with `limiter limit list`");
+        };
+        maps.rules.remove(&rule_match).context("failed to remove the rule from the RULES map")?;
+        self.rules.remove(&rule_match);
+
+        let keys: Vec<FlowKey> =
+            maps.counters.keys().filter_map(Result::ok).filter(|key| key.rule_id == id).collect();
+        for key in &keys {
+            let _ = maps.counters.remove(key);
+            let _ = maps.grants.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Updates every rule's fallback limit for `gateways` gateways.
+    pub fn set_gateways(&mut self, gateways: u64, maps: &mut Maps) -> anyhow::Result<()> {
+        self.gateways = gateways.max(1);
+        for (rule_match, rule) in self.rules.iter_mut() {
+            let fallback = fallback_limit(rule.limit, self.gateways);
+            if rule.fallback_limit != fallback {
+                rule.fallback_limit = fallback;
+                maps.rules.insert(*rule_match, *rule, 0).context("failed to write the RULES map")?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn gateways(&self) -> u64 {
+        self.gateways
+    }
+
+    pub fn views(&self) -> Vec<RuleView> {
+        let mut views: Vec<RuleView> = self.rules.iter().map(|(m, rule)| view(m, rule)).collect();
+        views.sort_by_key(|view| view.id);
+        views
+    }
+
+    pub fn by_id(&self) -> HashMap<u32, Rule> {
+        self.rules.values().map(|rule| (rule.id, *rule)).collect()
+    }
+
+    fn next_id(&self) -> u32 {
+        self.rules.values().map(|rule| rule.id).max().map_or(1, |id| id + 1)
+    }
+}
+
+fn view(rule_match: &RuleMatch, rule: &Rule) -> RuleView {
+    RuleView { id: rule.id, spec: RuleSpec::from_rule(rule_match, rule), fallback_limit: rule.fallback_limit }
+}

@@ -1,0 +1,338 @@
+//! Rules as operators write them, validated into the `Rule` entries the XDP program reads.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use limiter_common::{IPPROTO_TCP, IPPROTO_UDP, MAX_WINDOW_NS, MIN_WINDOW_NS, Rule, RuleMatch};
+use serde::{Deserialize, Serialize};
+
+/// A rule that failed validation. Each message names the bad value and what is accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("invalid protocol {0:?}: expected any, tcp, udp or an IP protocol number 1-255")]
+    Protocol(String),
+    #[error("invalid rate 0: a rate must be at least 1 packet per window")]
+    ZeroRate,
+    #[error("invalid window {0:?}: expected a length between 10ms and 1h, such as 500ms, 1s or 1m")]
+    Window(String),
+    #[error("invalid IPv4 prefix length {0}: expected 0-32")]
+    Ipv4Prefix(u8),
+    #[error("invalid IPv6 prefix length {0}: expected 0-128")]
+    Ipv6Prefix(u8),
+    #[error("invalid port {0} for protocol any: a port needs --proto tcp or --proto udp")]
+    PortWithoutProtocol(u16),
+    #[error("invalid rate {0:?}: expected packets per window, such as 100 or 100/s")]
+    Rate(String),
+}
+
+/// Transport protocol a rule selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
+pub enum Protocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+    Other(u8),
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Any => 0,
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+            Protocol::Other(number) => number,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Self {
+        match number {
+            0 => Protocol::Any,
+            IPPROTO_TCP => Protocol::Tcp,
+            IPPROTO_UDP => Protocol::Udp,
+            other => Protocol::Other(other),
+        }
+    }
+
+    fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = RuleError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "any" => Ok(Protocol::Any),
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => match other.parse::<u8>() {
+                Ok(number) if number != 0 => Ok(Protocol::from_number(number)),
+                _ => Err(RuleError::Protocol(text.to_owned())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Any => f.write_str("any"),
+            Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Udp => f.write_str("udp"),
+            Protocol::Other(number) => write!(f, "{number}"),
+        }
+    }
+}
+
+impl TryFrom<String> for Protocol {
+    type Error = RuleError;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<Protocol> for String {
+    fn from(protocol: Protocol) -> Self {
+        protocol.to_string()
+    }
+}
+
+/// Parses a window length such as `500ms`, `1s`, `2m` or `1h`.
+pub fn parse_window(text: &str) -> Result<Duration, RuleError> {
+    let invalid = || RuleError::Window(text.to_owned());
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let window = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" | "" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.checked_mul(60).ok_or_else(invalid)?),
+        "h" => Duration::from_secs(number.checked_mul(3600).ok_or_else(invalid)?),
+        _ => return Err(invalid()),
+    };
+    let nanos = u64::try_from(window.as_nanos()).map_err(|_| invalid())?;
+    if !(MIN_WINDOW_NS..=MAX_WINDOW_NS).contains(&nanos) {
+        return Err(invalid());
+    }
+    Ok(window)
+}
+
+/// Formats a window length the way `parse_window` reads it.
+pub fn format_window(window: Duration) -> String {
+    let millis = window.as_millis();
+    if millis % 3_600_000 == 0 {
+        format!("{}h", millis / 3_600_000)
+    } else if millis % 60_000 == 0 {
+        format!("{}m", millis / 60_000)
+    } else if millis % 1000 == 0 {
+        format!("{}s", millis / 1000)
+    } else {
+        format!("{millis}ms")
+    }
+}
+
+/// Parses a rate given as packets per window: `100`, or `100/s` when the window is 1 s.
+pub fn parse_rate(text: &str) -> Result<u64, RuleError> {
+    let number = text.strip_suffix("/s").unwrap_or(text);
+    match number.trim().parse::<u64>() {
+        Ok(0) => Err(RuleError::ZeroRate),
+        Ok(rate) => Ok(rate),
+        Err(_) => Err(RuleError::Rate(text.to_owned())),
+    }
+}
+
+/// A rule as the operator states it; the agent assigns its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleSpec {
+    pub protocol: Protocol,
+    /// Destination port, or `None` for any port.
+    pub port: Option<u16>,
+    /// Packets each key may pass per window, fleet-wide.
+    pub rate: u64,
+    pub window_ms: u64,
+    pub ipv4_prefix_len: u8,
+    pub ipv6_prefix_len: u8,
+    /// Limit each destination port of a source separately.
+    pub per_port: bool,
+}
+
+impl RuleSpec {
+    /// Checks every field, returning the first that is out of range.
+    pub fn validate(&self) -> Result<(), RuleError> {
+        let Self { protocol, port, rate, window_ms, ipv4_prefix_len, ipv6_prefix_len, per_port: _ } =
+            self;
+        if *rate == 0 {
+            return Err(RuleError::ZeroRate);
+        }
+        let window_ns = window_ms.saturating_mul(1_000_000);
+        if !(MIN_WINDOW_NS..=MAX_WINDOW_NS).contains(&window_ns) {
+            return Err(RuleError::Window(format!("{window_ms}ms")));
+        }
+        if *ipv4_prefix_len > 32 {
+            return Err(RuleError::Ipv4Prefix(*ipv4_prefix_len));
+        }
+        if *ipv6_prefix_len > 128 {
+            return Err(RuleError::Ipv6Prefix(*ipv6_prefix_len));
+        }
+        if let Some(port) = port
+            && (!protocol.has_ports() || *port == 0)
+        {
+            return Err(RuleError::PortWithoutProtocol(*port));
+        }
+        Ok(())
+    }
+
+    pub fn rule_match(&self) -> RuleMatch {
+        RuleMatch::new(self.protocol.number(), self.port.unwrap_or(0))
+    }
+
+    /// Builds the map entry, with the fallback limit for `gateways` gateways.
+    pub fn to_rule(&self, id: u32, gateways: u64) -> Rule {
+        Rule {
+            id,
+            ipv4_prefix_len: self.ipv4_prefix_len,
+            ipv6_prefix_len: self.ipv6_prefix_len,
+            key_by_dst_port: u8::from(self.per_port),
+            _padding: 0,
+            limit: self.rate,
+            fallback_limit: fallback_limit(self.rate, gateways),
+            window_ns: self.window_ms.saturating_mul(1_000_000),
+        }
+    }
+
+    /// Rebuilds the spec from a map entry, for rules the agent finds pinned at start.
+    pub fn from_rule(rule_match: &RuleMatch, rule: &Rule) -> Self {
+        Self {
+            protocol: Protocol::from_number(rule_match.protocol),
+            port: (rule_match.dst_port != 0).then_some(rule_match.dst_port),
+            rate: rule.limit,
+            window_ms: rule.window_ns / 1_000_000,
+            ipv4_prefix_len: rule.ipv4_prefix_len,
+            ipv6_prefix_len: rule.ipv6_prefix_len,
+            per_port: rule.key_by_dst_port != 0,
+        }
+    }
+
+    /// Describes the traffic the rule selects, such as `udp port 53` or `any`.
+    pub fn describe_match(&self) -> String {
+        match self.port {
+            Some(port) => format!("{} port {port}", self.protocol),
+            None => self.protocol.to_string(),
+        }
+    }
+}
+
+/// Returns the limit each of `gateways` gateways enforces on its own while it holds no grant.
+///
+/// Rounded up, so a small limit never becomes 0; the fleet may then pass up to
+/// `gateways - 1` packets more than the limit per window while the store is unreachable.
+pub fn fallback_limit(limit: u64, gateways: u64) -> u64 {
+    limit.div_ceil(gateways.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RuleSpec {
+        RuleSpec {
+            protocol: Protocol::Udp,
+            port: Some(53),
+            rate: 100,
+            window_ms: 1000,
+            ipv4_prefix_len: 32,
+            ipv6_prefix_len: 128,
+            per_port: false,
+        }
+    }
+
+    #[test]
+    fn window_parses_units() {
+        assert_eq!(parse_window("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_window("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_window("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_window("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_window("1h"), Ok(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn window_rejects_out_of_range() {
+        for text in ["0s", "5ms", "2h", "", "1x", "-1s", "99999999999999999999h"] {
+            assert_eq!(parse_window(text), Err(RuleError::Window(text.to_owned())), "{text}");
+        }
+    }
+
+    #[test]
+    fn window_format_round_trips() {
+        for text in ["500ms", "1s", "90s", "1m", "1h", "1500ms"] {
+            assert_eq!(format_window(parse_window(text).unwrap()), text);
+        }
+    }
+
+    #[test]
+    fn rate_parses_and_rejects() {
+        assert_eq!(parse_rate("100"), Ok(100));
+        assert_eq!(parse_rate("100/s"), Ok(100));
+        assert_eq!(parse_rate("0"), Err(RuleError::ZeroRate));
+        assert_eq!(parse_rate("ten"), Err(RuleError::Rate("ten".into())));
+        assert_eq!(parse_rate("-5"), Err(RuleError::Rate("-5".into())));
+    }
+
+    #[test]
+    fn protocol_parses_names_and_numbers() {
+        assert_eq!("UDP".parse(), Ok(Protocol::Udp));
+        assert_eq!("tcp".parse(), Ok(Protocol::Tcp));
+        assert_eq!("any".parse(), Ok(Protocol::Any));
+        assert_eq!("132".parse(), Ok(Protocol::Other(132)));
+        assert_eq!("6".parse(), Ok(Protocol::Tcp));
+        assert_eq!("0".parse::<Protocol>(), Err(RuleError::Protocol("0".into())));
+        assert_eq!("256".parse::<Protocol>(), Err(RuleError::Protocol("256".into())));
+        assert_eq!("icmp".parse::<Protocol>(), Err(RuleError::Protocol("icmp".into())));
+    }
+
+    #[test]
+    fn validate_rejects_each_bad_field() {
+        assert_eq!(spec().validate(), Ok(()));
+        assert_eq!(RuleSpec { rate: 0, ..spec() }.validate(), Err(RuleError::ZeroRate));
+        assert_eq!(
+            RuleSpec { window_ms: 0, ..spec() }.validate(),
+            Err(RuleError::Window("0ms".into()))
+        );
+        assert_eq!(
+            RuleSpec { ipv4_prefix_len: 33, ..spec() }.validate(),
+            Err(RuleError::Ipv4Prefix(33))
+        );
+        assert_eq!(
+            RuleSpec { ipv6_prefix_len: 129, ..spec() }.validate(),
+            Err(RuleError::Ipv6Prefix(129))
+        );
+        assert_eq!(
+            RuleSpec { protocol: Protocol::Any, ..spec() }.validate(),
+            Err(RuleError::PortWithoutProtocol(53))
+        );
+        assert_eq!(RuleSpec { port: Some(0), ..spec() }.validate(), Err(RuleError::PortWithoutProtocol(0)));
+    }
+
+    #[test]
+    fn rule_round_trips_through_map_entry() {
+        let spec = RuleSpec { per_port: true, ipv4_prefix_len: 24, ..spec() };
+        let rule = spec.to_rule(7, 3);
+        assert_eq!(rule.id, 7);
+        assert_eq!(rule.limit, 100);
+        assert_eq!(rule.fallback_limit, 34);
+        assert_eq!(rule.window_ns, 1_000_000_000);
+        assert_eq!(rule.key_by_dst_port, 1);
+        assert_eq!(RuleSpec::from_rule(&spec.rule_match(), &rule), spec);
+    }
+
+    #[test]
+    fn fallback_limit_rounds_up() {
+        assert_eq!(fallback_limit(100, 0), 100);
+        assert_eq!(fallback_limit(100, 1), 100);
+        assert_eq!(fallback_limit(100, 3), 34);
+        assert_eq!(fallback_limit(1, 5), 1);
+    }
+}

@@ -1,0 +1,212 @@
+//! The fleet-wide count store: Redis, reached through the scripts in `lua/`.
+//!
+//! Keys are grouped by rule and by a bucket derived from the flow key, and every Redis key of
+//! one group carries the group's hash tag, so each script call touches one cluster slot.
+
+use std::time::Duration;
+
+use redis::{Script, aio::ConnectionManager};
+
+/// How many buckets the keys of one rule are spread over. More buckets spread a rule over
+/// more cluster slots; fewer mean fewer, larger script calls.
+pub const BUCKETS: u32 = 64;
+
+/// Most flow keys sent in one script call, so a call never blocks Redis for long.
+pub const MAX_KEYS_PER_CALL: usize = 512;
+
+const SYNC_SCRIPT: &str = include_str!("../../lua/sync.lua");
+const HEARTBEAT_SCRIPT: &str = include_str!("../../lua/heartbeat.lua");
+
+/// Redis key of the sorted set of live gateways.
+pub const GATEWAYS_KEY: &str = "limiter:{fleet}:gateways";
+
+/// A failed store call.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis call timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("redis call failed: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("invalid reply from the sync script: {0}")]
+    Reply(String),
+}
+
+/// What one gateway reports for one key in a tick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyDelta {
+    /// The key as stored in Redis, such as `198.51.100.7/32` or `2001:db8::/64:53`.
+    pub field: String,
+    pub passed: u64,
+    pub offered: u64,
+}
+
+/// Fleet-wide counts of one key in the current and previous window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FleetCounts {
+    pub current_passed: u64,
+    pub previous_passed: u64,
+    pub current_offered: u64,
+    pub previous_offered: u64,
+}
+
+/// Reply of one sync call: the server's clock and the counts of each key, in request order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncReply {
+    pub now_us: u64,
+    pub window_id: u64,
+    pub counts: Vec<FleetCounts>,
+}
+
+/// Returns the two Redis keys of a (rule, bucket) group: even and odd windows.
+pub fn group_keys(rule_id: u32, bucket: u32) -> [String; 2] {
+    [format!("limiter:{{r{rule_id}b{bucket}}}:even"), format!("limiter:{{r{rule_id}b{bucket}}}:odd")]
+}
+
+/// Returns the bucket of a flow key's Redis field: FNV-1a, stable across builds and hosts,
+/// so every gateway puts a key in the same group.
+pub fn bucket_of(field: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in field.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % BUCKETS
+}
+
+/// A connection to Redis with the scripts loaded on demand.
+#[derive(Clone)]
+pub struct Store {
+    connection: ConnectionManager,
+    sync_script: Script,
+    heartbeat_script: Script,
+    timeout: Duration,
+}
+
+impl Store {
+    /// Connects lazily: the first call opens the connection, and a lost connection is
+    /// reopened in the background, so an agent can start while Redis is down.
+    pub fn connect(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url).map_err(|error| {
+            anyhow::anyhow!("invalid Redis URL: {error}; expected redis://[user:password@]host:port[/db]")
+        })?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            connection,
+            sync_script: Script::new(SYNC_SCRIPT),
+            heartbeat_script: Script::new(HEARTBEAT_SCRIPT),
+            timeout,
+        })
+    }
+
+    /// Adds `deltas` of one (rule, bucket) group and returns the fleet-wide counts.
+    ///
+    /// `Script::invoke_async` sends EVALSHA and, on NOSCRIPT, loads the script and retries once.
+    pub async fn sync(
+        &self,
+        rule_id: u32,
+        bucket: u32,
+        window_us: u64,
+        ttl_ms: u64,
+        deltas: &[KeyDelta],
+    ) -> Result<SyncReply, StoreError> {
+        let [even, odd] = group_keys(rule_id, bucket);
+        let mut invocation = self.sync_script.key(even);
+        invocation.key(odd).arg(window_us).arg(ttl_ms);
+        for delta in deltas {
+            invocation.arg(&delta.field).arg(delta.passed).arg(delta.offered);
+        }
+
+        let mut connection = self.connection.clone();
+        let reply: Vec<i64> = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))??;
+        parse_sync_reply(&reply, deltas.len())
+    }
+
+    /// Records this gateway as alive and returns the number of gateways alive.
+    pub async fn heartbeat(&self, node_id: &str, alive: Duration) -> Result<u64, StoreError> {
+        let mut invocation = self.heartbeat_script.key(GATEWAYS_KEY);
+        invocation.arg(node_id).arg(alive.as_millis().max(1) as u64);
+        let mut connection = self.connection.clone();
+        let count: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))??;
+        u64::try_from(count)
+            .ok()
+            .filter(|count| *count >= 1)
+            .ok_or_else(|| StoreError::Reply(format!("heartbeat returned {count} gateways, expected at least 1")))
+    }
+}
+
+/// Checks the shape of a sync reply. A reply that does not match the request is an error,
+/// never read as zero counts, because zero would mean "under the limit".
+pub fn parse_sync_reply(reply: &[i64], keys: usize) -> Result<SyncReply, StoreError> {
+    let expected = 2 + 4 * keys;
+    if reply.len() != expected {
+        return Err(StoreError::Reply(format!("{} integers for {keys} keys, expected {expected}", reply.len())));
+    }
+    let non_negative = |value: i64, what: &str| {
+        u64::try_from(value).map_err(|_| StoreError::Reply(format!("negative {what}: {value}")))
+    };
+    let now_us = non_negative(reply[0], "time")?;
+    let window_id = non_negative(reply[1], "window id")?;
+    let counts = reply[2..]
+        .chunks_exact(4)
+        .map(|chunk| {
+            Ok(FleetCounts {
+                current_passed: non_negative(chunk[0], "count")?,
+                previous_passed: non_negative(chunk[1], "count")?,
+                current_offered: non_negative(chunk[2], "count")?,
+                previous_offered: non_negative(chunk[3], "count")?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(SyncReply { now_us, window_id, counts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_keys_share_hash_tag() {
+        let [even, odd] = group_keys(3, 17);
+        assert_eq!(even, "limiter:{r3b17}:even");
+        assert_eq!(odd, "limiter:{r3b17}:odd");
+    }
+
+    #[test]
+    fn bucket_is_stable_and_in_range() {
+        assert_eq!(bucket_of("198.51.100.7/32"), bucket_of("198.51.100.7/32"));
+        let buckets: std::collections::HashSet<u32> =
+            (0..1000).map(|i| bucket_of(&format!("198.18.{}.{}/32", i / 256, i % 256))).collect();
+        assert!(buckets.iter().all(|bucket| *bucket < BUCKETS));
+        assert_eq!(buckets.len(), BUCKETS as usize, "1000 keys should reach every bucket");
+    }
+
+    #[test]
+    fn sync_reply_parses_counts() {
+        let reply = parse_sync_reply(&[5_000_000, 5, 10, 20, 30, 40], 1).unwrap();
+        assert_eq!(reply.now_us, 5_000_000);
+        assert_eq!(reply.window_id, 5);
+        assert_eq!(
+            reply.counts,
+            vec![FleetCounts { current_passed: 10, previous_passed: 20, current_offered: 30, previous_offered: 40 }]
+        );
+    }
+
+    #[test]
+    fn sync_reply_rejects_wrong_length() {
+        assert!(matches!(parse_sync_reply(&[1, 2, 3], 1), Err(StoreError::Reply(_))));
+        assert!(matches!(parse_sync_reply(&[1, 2, 0, 0, 0, 0, 0], 1), Err(StoreError::Reply(_))));
+    }
+
+    #[test]
+    fn sync_reply_rejects_negative_counts() {
+        assert!(matches!(parse_sync_reply(&[1, 2, -1, 0, 0, 0], 1), Err(StoreError::Reply(_))));
+    }
+}
