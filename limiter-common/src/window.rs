@@ -59,6 +59,23 @@ pub fn previous_weight(elapsed: u64, window_len: u64) -> u64 {
     if weight > full { full } else { weight }
 }
 
+/// Returns the part of `delta`, counted evenly over the `span` that ends `elapsed` into the
+/// current window, that was counted before the window started: `delta * before / span`,
+/// rounded down, where `before` is the part of the span before the window. The sync script
+/// splits deltas with the same formula.
+#[inline(always)]
+pub fn part_before_window(delta: u64, span: u64, elapsed: u64) -> u64 {
+    if span == 0 || elapsed >= span {
+        return 0;
+    }
+    // Callers pass microseconds and spans of at most one window (1 h is below 2^32 us), so
+    // with the delta clamped to 2^32 the product fits in 64 bits; it saturates otherwise.
+    const DELTA_CLAMP: u64 = 1 << 32;
+    let before = span - elapsed;
+    let delta = if delta > DELTA_CLAMP { DELTA_CLAMP } else { delta };
+    delta.saturating_mul(before) / span
+}
+
 /// Returns `limit - estimate`, or 0 when the estimate has reached the limit.
 #[inline(always)]
 pub fn remaining(limit: u64, estimate: u64) -> u64 {
@@ -88,6 +105,16 @@ impl SlidingWindow {
         let previous = if self.previous > COUNT_CLAMP { COUNT_CLAMP } else { self.previous };
         let weighted_previous = (previous * previous_weight(elapsed, window_len)) >> WEIGHT_SHIFT;
         weighted_previous.saturating_add(self.current)
+    }
+
+    /// Returns the estimate at a later time `at`, assuming nothing more is counted before
+    /// then: the previous window's weight keeps falling, and past the window's end the
+    /// current count becomes the previous one.
+    #[inline(always)]
+    pub fn estimate_at(&self, at: u64, window_len: u64) -> u64 {
+        let mut later = *self;
+        later.advance(window_id(at, window_len));
+        later.estimate(elapsed_in_window(at, window_len), window_len)
     }
 
     /// Counts one packet at time `now` if the estimate is below `limit`, and returns whether
@@ -182,6 +209,25 @@ mod tests {
         assert_eq!(window(1, u64::MAX, u64::MAX).estimate(0, SECOND), u64::MAX);
         assert_eq!(window(1, 0, u64::MAX).estimate(0, SECOND), COUNT_CLAMP);
         assert_eq!(window(1, u64::MAX - 1, 1).estimate(0, SECOND), u64::MAX);
+    }
+
+    #[test]
+    fn estimate_at_later_time_decays_previous() {
+        let counter = window(7, 40, 100);
+        // Now 7.25 s: 75 + 40. At 7.75 s: 25 + 40. At 8.5 s: the 40 weigh half. At 9.5 s: 0.
+        assert_eq!(counter.estimate(SECOND / 4, SECOND), 115);
+        assert_eq!(counter.estimate_at(7 * SECOND + 3 * SECOND / 4, SECOND), 65);
+        assert_eq!(counter.estimate_at(8 * SECOND + SECOND / 2, SECOND), 20);
+        assert_eq!(counter.estimate_at(9 * SECOND + SECOND / 2, SECOND), 0);
+    }
+
+    #[test]
+    fn part_before_window_splits_in_proportion() {
+        assert_eq!(part_before_window(100, 100_000, 25_000), 75);
+        assert_eq!(part_before_window(100, 100_000, 100_000), 0);
+        assert_eq!(part_before_window(100, 100_000, 0), 100);
+        assert_eq!(part_before_window(7, 100_000, 50_000), 3);
+        assert_eq!(part_before_window(100, 0, 0), 0);
     }
 
     #[test]

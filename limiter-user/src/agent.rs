@@ -100,7 +100,7 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
     // to its fallback limit.
     let grant_lifetime = config.sync_interval * 3;
     let gateway_alive = (config.sync_interval * 10).max(Duration::from_secs(2));
-    let mut reconciler = Reconciler::new(store.clone(), grant_lifetime, cpus);
+    let mut reconciler = Reconciler::new(store.clone(), config.sync_interval, grant_lifetime, cpus);
 
     let mut interval = tokio::time::interval(config.sync_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         Xdp, XdpMode,
@@ -113,19 +113,8 @@ pub fn attach(iface: &str, mode: AttachMode, max_keys: u32) -> anyhow::Result<At
     }
 
     // Step 2: load the object, creating the maps or reusing those pinned in `dir`.
-    ensure_bpf_fs()?;
-    fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&dir)
-        .map_max_entries(map_names::COUNTERS, max_keys)
-        .map_max_entries(map_names::GRANTS, max_keys)
-        .load(EBPF_OBJECT)
-        .context("failed to load the XDP object: run as root on Linux 5.11 or later")?;
-    let program: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| anyhow!("the XDP object has no program named {PROGRAM_NAME}"))?
-        .try_into()?;
-    program.load().context("the kernel verifier rejected the XDP program")?;
+    let mut ebpf = load(&dir, max_keys)?;
+    let program = xdp_program(&mut ebpf)?;
 
     // Step 3: attach in the requested mode, falling back from native to skb under `auto`.
     let (link_id, attachment) = match mode {
@@ -155,6 +144,29 @@ pub fn attach(iface: &str, mode: AttachMode, max_keys: u32) -> anyhow::Result<At
         .with_context(|| format!("failed to pin the XDP link at {}", link_path.display()))?;
     info!(iface, mode = %attachment, "attached XDP program");
     Ok(attachment)
+}
+
+/// Loads the object with its maps pinned in `dir`, reusing maps already pinned there, and
+/// has the kernel verify the program, without attaching it anywhere.
+pub fn load(dir: &Path, max_keys: u32) -> anyhow::Result<Ebpf> {
+    ensure_bpf_fs()?;
+    fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .map_max_entries(map_names::COUNTERS, max_keys)
+        .map_max_entries(map_names::GRANTS, max_keys)
+        .load(EBPF_OBJECT)
+        .context("failed to load the XDP object: run as root on Linux 5.11 or later")?;
+    xdp_program(&mut ebpf)?.load().context("the kernel verifier rejected the XDP program")?;
+    Ok(ebpf)
+}
+
+/// Returns the limiter's XDP program in a loaded object.
+pub fn xdp_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
+    Ok(ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("the XDP object has no program named {PROGRAM_NAME}"))?
+        .try_into()?)
 }
 
 /// Mounts the BPF file system on /sys/fs/bpf unless it is mounted already, as bpftool does;
@@ -193,7 +205,16 @@ fn attach_failed(iface: &str, mode: &str) -> String {
 
 /// Detaches the program from `iface` and removes its pins. Returns false if nothing was pinned.
 pub fn detach(iface: &str) -> anyhow::Result<bool> {
-    let dir = pin_dir(iface);
+    let removed = remove_pins(&pin_dir(iface))?;
+    if removed {
+        info!(iface, "detached XDP program");
+    }
+    Ok(removed)
+}
+
+/// Removes the link and map pins in `dir`, then `dir` if it is empty. Returns false if `dir`
+/// did not exist.
+pub fn remove_pins(dir: &Path) -> anyhow::Result<bool> {
     if !dir.exists() {
         return Ok(false);
     }
@@ -207,10 +228,9 @@ pub fn detach(iface: &str) -> anyhow::Result<bool> {
             Err(error) => return Err(error).with_context(|| format!("failed to remove {}", path.display())),
         }
     }
-    if let Err(error) = fs::remove_dir(&dir) {
+    if let Err(error) = fs::remove_dir(dir) {
         warn!(dir = %dir.display(), %error, "left the pin folder in place because it is not empty");
     }
-    info!(iface, "detached XDP program");
     Ok(true)
 }
 
@@ -232,11 +252,16 @@ impl Maps {
                 dir.display()
             );
         }
+        Self::open_dir(&dir)
+    }
+
+    /// Opens the maps pinned in `dir`.
+    pub fn open_dir(dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
-            rules: open_pinned(&dir, map_names::RULES)?.try_into()?,
-            counters: open_pinned(&dir, map_names::COUNTERS)?.try_into()?,
-            grants: open_pinned(&dir, map_names::GRANTS)?.try_into()?,
-            stats: open_pinned(&dir, map_names::STATS)?.try_into()?,
+            rules: open_pinned(dir, map_names::RULES)?.try_into()?,
+            counters: open_pinned(dir, map_names::COUNTERS)?.try_into()?,
+            grants: open_pinned(dir, map_names::GRANTS)?.try_into()?,
+            stats: open_pinned(dir, map_names::STATS)?.try_into()?,
         })
     }
 }

@@ -31,8 +31,10 @@ struct KeyHistory {
     /// Each CPU's `passed` and `offered` counters as of the last successful sync.
     passed: Vec<u64>,
     offered: Vec<u64>,
-    /// Packets this gateway offered for the key, in windows of the gateway's clock: its
-    /// demand, weighed against the fleet's to find its share of the budget.
+    /// Packets this gateway offered for the key, counted in the server's windows exactly as
+    /// the fleet's offered count is: its demand, weighed against the fleet's to find its
+    /// share of the budget. Using the same windows makes the shares of all gateways add up
+    /// to one, and a lone gateway's share exactly one.
     demand: SlidingWindow,
 }
 
@@ -66,12 +68,23 @@ pub struct Reconciler {
     histories: HashMap<FlowKey, KeyHistory>,
     /// How long a grant stays valid after it is written.
     grant_lifetime: Duration,
+    /// Sync interval in microseconds: how long a grant must last until the next tick.
+    interval_us: u64,
+    /// When the previous tick read the counters, so the script knows the span of the deltas.
+    last_read_ns: Option<u64>,
     cpus: usize,
 }
 
 impl Reconciler {
-    pub fn new(store: Store, grant_lifetime: Duration, cpus: usize) -> Self {
-        Self { store, histories: HashMap::new(), grant_lifetime, cpus }
+    pub fn new(store: Store, interval: Duration, grant_lifetime: Duration, cpus: usize) -> Self {
+        Self {
+            store,
+            histories: HashMap::new(),
+            grant_lifetime,
+            interval_us: interval.as_micros() as u64,
+            last_read_ns: None,
+            cpus,
+        }
     }
 
     /// Runs one tick against `maps`, with `rules` keyed by rule id.
@@ -92,6 +105,13 @@ impl Reconciler {
         };
         report.keys_tracked = snapshot.len();
         let now_local = monotonic_ns();
+        // The deltas of a key new since the last tick span less than this, and those after a
+        // failed call more; the split across a window boundary is an estimate either way.
+        let span_us = match self.last_read_ns.replace(now_local) {
+            Some(last) => now_local.saturating_sub(last) / 1000,
+            None => self.interval_us,
+        }
+        .max(1);
 
         let mut seen = HashSet::with_capacity(snapshot.len());
         let mut groups: BTreeMap<(u32, u32), Vec<PendingKey>> = BTreeMap::new();
@@ -129,7 +149,7 @@ impl Reconciler {
                 let ttl_ms = (rule.window_ns / 1_000_000).saturating_mul(3).max(1);
                 calls.spawn(async move {
                     let deltas: Vec<KeyDelta> = chunk.iter().map(|pending| pending.delta.clone()).collect();
-                    let reply = store.sync(rule_id, bucket, window_us, ttl_ms, &deltas).await;
+                    let reply = store.sync(rule_id, bucket, window_us, ttl_ms, span_us.min(window_us), &deltas).await;
                     (chunk, reply)
                 });
                 report.script_calls += 1;
@@ -156,7 +176,7 @@ impl Reconciler {
         let mut maps = lock(maps);
         for (chunk, reply) in replies {
             for (pending, counts) in chunk.into_iter().zip(reply.counts.iter()) {
-                let grants = self.grants_for(&pending, counts, &reply, now_local, expires_ns);
+                let grants = self.grants_for(&pending, counts, &reply, span_us, expires_ns);
                 match PerCpuValues::try_from(grants) {
                     Ok(values) => match maps.grants.insert(pending.key, values, 0) {
                         Ok(()) => report.grants_written += 1,
@@ -195,7 +215,7 @@ impl Reconciler {
         pending: &PendingKey,
         counts: &FleetCounts,
         reply: &SyncReply,
-        now_local: u64,
+        span_us: u64,
         expires_ns: u64,
     ) -> Vec<Grant> {
         let rule = &pending.rule;
@@ -203,25 +223,32 @@ impl Reconciler {
         // The fleet's estimate, in the server's windows and microseconds.
         let window_us = (rule.window_ns / 1000).max(1);
         let elapsed_us = reply.now_us.saturating_sub(reply.window_id.saturating_mul(window_us));
-        let fleet_passed = SlidingWindow {
-            window_id: reply.window_id,
-            current: counts.current_passed,
-            previous: counts.previous_passed,
-        }
-        .estimate(elapsed_us, window_us);
         let fleet_offered = SlidingWindow {
             window_id: reply.window_id,
             current: counts.current_offered,
             previous: counts.previous_offered,
         }
         .estimate(elapsed_us, window_us);
-        let budget = window::remaining(rule.limit, fleet_passed);
+        // The grant is spent until the next tick, so it is the budget the window will have
+        // then. Granting only what is free now would never hand out the previous window's
+        // weight that expires during the last tick of each window.
+        let next_tick_us = reply.now_us.saturating_add(self.interval_us);
+        let fleet_passed_next_tick = SlidingWindow {
+            window_id: reply.window_id,
+            current: counts.current_passed,
+            previous: counts.previous_passed,
+        }
+        .estimate_at(next_tick_us, window_us);
+        let budget = window::remaining(rule.limit, fleet_passed_next_tick);
 
-        // This gateway's demand, in its own windows and nanoseconds.
+        // This gateway's demand, in the same windows and with the same split as the fleet's.
         let history = self.histories.entry(pending.key).or_default();
-        history.demand.advance(window::window_id(now_local, rule.window_ns));
-        history.demand.current = history.demand.current.saturating_add(pending.delta.offered);
-        let own_demand = history.demand.estimate(window::elapsed_in_window(now_local, rule.window_ns), rule.window_ns);
+        // The script received the span capped at one window; split with the same value.
+        let offered_before = window::part_before_window(pending.delta.offered, span_us.min(window_us), elapsed_us);
+        history.demand.advance(reply.window_id);
+        history.demand.previous = history.demand.previous.saturating_add(offered_before);
+        history.demand.current = history.demand.current.saturating_add(pending.delta.offered - offered_before);
+        let own_demand = history.demand.estimate(elapsed_us, window_us);
 
         let gateway_budget = proportional_share(budget, own_demand, fleet_offered.max(own_demand));
         let mut shares = vec![0u64; self.cpus];

@@ -102,7 +102,8 @@ impl Store {
         })
     }
 
-    /// Adds `deltas` of one (rule, bucket) group and returns the fleet-wide counts.
+    /// Adds `deltas` of one (rule, bucket) group, counted over the last `span_us`, and
+    /// returns the fleet-wide counts.
     ///
     /// `Script::invoke_async` sends EVALSHA and, on NOSCRIPT, loads the script and retries once.
     pub async fn sync(
@@ -111,11 +112,12 @@ impl Store {
         bucket: u32,
         window_us: u64,
         ttl_ms: u64,
+        span_us: u64,
         deltas: &[KeyDelta],
     ) -> Result<SyncReply, StoreError> {
         let [even, odd] = group_keys(rule_id, bucket);
         let mut invocation = self.sync_script.key(even);
-        invocation.key(odd).arg(window_us).arg(ttl_ms);
+        invocation.key(odd).arg(window_us).arg(ttl_ms).arg(span_us.max(1));
         for delta in deltas {
             invocation.arg(&delta.field).arg(delta.passed).arg(delta.offered);
         }

@@ -1,1 +1,264 @@
-//! Helpers shared by the integration tests.
+//! Fixtures for the privileged integration tests: network namespaces, veth pairs, pin
+//! folders and redis-server processes, each named uniquely per run and removed on drop, so a
+//! failing test cleans up and two runs never collide.
+//!
+//! These tests need root, a kernel with XDP and BPF_PROG_TEST_RUN, and `redis-server` and
+//! `ip` on PATH; `cargo xtask test` installs and runs them.
+
+use std::{
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    io::{Read as _, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub mod traffic;
+
+/// Returns a name unique to this process and call, at most 15 bytes (the limit of an
+/// interface name): `prefix` (up to 4 bytes), the process id, and a counter.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let prefix = &prefix[..prefix.len().min(4)];
+    let name = format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    assert!(name.len() <= 15, "name {name} is longer than an interface name may be");
+    name
+}
+
+/// Returns a /24 of 198.18.0.0/15 (set aside for network benchmarks by RFC 2544) for one
+/// test, such as 198.18.37.0, varying with the process id and call, so concurrent runs and
+/// tests rarely share one. Nothing outside the test's own veth pairs uses these addresses.
+pub fn unique_subnet() -> [u8; 3] {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let index = (std::process::id() * 8 + NEXT.fetch_add(1, Ordering::Relaxed)) % 512;
+    [198, 18 + (index / 256) as u8, (index % 256) as u8]
+}
+
+/// Returns host `host` of `subnet`.
+pub fn subnet_addr(subnet: [u8; 3], host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(subnet[0], subnet[1], subnet[2], host)
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("failed to start {program}: {error}"));
+    assert!(
+        output.status.success(),
+        "{program} {} failed with {}: {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Polls `check` every 20 ms until it returns true, panicking with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        let name = unique_name("lns");
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A veth pair whose `host` end stays in the current namespace (where the XDP program goes)
+/// and whose `peer` end is moved into a namespace where test traffic starts. Deleting the
+/// host end on drop deletes both.
+pub struct VethPair {
+    pub host: String,
+    pub peer: String,
+}
+
+impl VethPair {
+    /// Creates the pair, puts `host_addr/24` on the host end and each of `peer_addrs` on the
+    /// peer end inside `netns`, and brings both up.
+    pub fn new(netns: &Netns, host_addr: Ipv4Addr, peer_addrs: &[Ipv4Addr]) -> Self {
+        let host = unique_name("lvh");
+        let peer = unique_name("lvp");
+        run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &peer]);
+        let pair = Self { host, peer };
+        run("ip", &["link", "set", &pair.peer, "netns", &netns.name]);
+        run("ip", &["addr", "add", &format!("{host_addr}/24"), "dev", &pair.host]);
+        // Two gateways of one test may share a subnet; the source check must not drop what
+        // arrives on the second one.
+        run("sysctl", &["-q", "-w", &format!("net.ipv4.conf.{}.rp_filter=0", pair.host)]);
+        run("ip", &["link", "set", &pair.host, "up"]);
+        for addr in peer_addrs {
+            run("ip", &["-n", &netns.name, "addr", "add", &format!("{addr}/24"), "dev", &pair.peer]);
+        }
+        run("ip", &["-n", &netns.name, "link", "set", &pair.peer, "up"]);
+        pair
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host]).status();
+        // Also remove what the limiter pinned for this interface, in case a test stopped
+        // before detaching.
+        let _ = limiter_user::datapath::remove_pins(&limiter_user::datapath::pin_dir(&self.host));
+    }
+}
+
+/// A folder under /sys/fs/bpf for a program loaded by a test, removed with its pins on drop.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self { path: Path::new("/sys/fs/bpf").join(unique_name("ltst")) }
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = limiter_user::datapath::remove_pins(&self.path);
+    }
+}
+
+/// A throwaway redis-server on a free loopback port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("failed to start redis-server (is it installed?): {error}"));
+        let server = Self { port, child };
+        wait_until("redis-server to answer PING", Duration::from_secs(10), || server.command("PING").contains("PONG"));
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one inline command and returns the raw reply, or an empty string on failure.
+    pub fn command(&self, line: &str) -> String {
+        let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) else {
+            return String::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        if stream.write_all(format!("{line}\r\n").as_bytes()).is_err() {
+            return String::new();
+        }
+        let mut buffer = [0u8; 4096];
+        let read = stream.read(&mut buffer).unwrap_or(0);
+        String::from_utf8_lossy(&buffer[..read]).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Returns a TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("failed to bind a loopback port");
+    listener.local_addr().expect("bound socket has an address").port()
+}
+
+/// Returns the path of the `limiter` binary built next to the test binary.
+pub fn limiter_binary() -> PathBuf {
+    let test_binary = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/limiter
+    let path = test_binary.parent().and_then(Path::parent).map(|dir| dir.join("limiter"));
+    match path {
+        Some(path) if path.exists() => path,
+        _ => panic!("limiter binary not found next to {}: build it first with `cargo build -p limiter-user`", test_binary.display()),
+    }
+}
+
+/// A running `limiter agent`, sent SIGTERM on drop so it removes its control socket.
+pub struct Agent {
+    pub iface: String,
+    child: Child,
+}
+
+impl Agent {
+    /// Starts an agent on `iface` and waits for its control socket.
+    pub fn start(iface: &str, redis_url: &str, node_id: &str, extra_args: &[&str]) -> Self {
+        let child = Command::new(limiter_binary())
+            .args(["agent", "--iface", iface, "--redis", redis_url, "--node-id", node_id])
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap_or_else(|error| panic!("failed to start limiter agent: {error}"));
+        let agent = Self { iface: iface.to_owned(), child };
+        let socket = limiter_user::control::socket_path(iface);
+        wait_until("the agent's control socket", Duration::from_secs(20), || socket.exists());
+        agent
+    }
+
+    /// Runs a `limiter` CLI command and returns its standard output, panicking on failure.
+    pub fn cli(args: &[&str]) -> String {
+        run(limiter_binary().to_str().expect("UTF-8 path"), args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on the pid of a child this fixture started and has not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

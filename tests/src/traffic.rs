@@ -1,0 +1,155 @@
+//! Paced UDP senders inside a network namespace and a receiver that counts what arrives, per
+//! source and per second.
+//!
+//! Each sender thread enters the namespace with setns(2), which moves only that thread, and is
+//! pinned to one CPU. On a veth pair the XDP program runs on the sending CPU, so pinning gives
+//! each source a stable CPU, as receive-side scaling does on a real NIC.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{Arc, atomic::{AtomicBool, Ordering}},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// One source of test traffic.
+#[derive(Clone, Copy, Debug)]
+pub struct Source {
+    pub addr: Ipv4Addr,
+    pub packets_per_second: u64,
+    /// CPU the sender thread is pinned to.
+    pub cpu: usize,
+}
+
+/// What a traffic run measured.
+#[derive(Debug, Default)]
+pub struct TrafficReport {
+    pub sent: HashMap<Ipv4Addr, u64>,
+    /// Packets received from each source in each whole second since the start.
+    pub received_per_second: HashMap<Ipv4Addr, Vec<u64>>,
+}
+
+impl TrafficReport {
+    pub fn received_total(&self, addr: Ipv4Addr) -> u64 {
+        self.received_per_second.get(&addr).map_or(0, |seconds| seconds.iter().sum())
+    }
+}
+
+/// Counts UDP packets arriving at `bind`, per source and per second since `start`.
+pub struct Receiver {
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<HashMap<Ipv4Addr, Vec<u64>>>,
+}
+
+impl Receiver {
+    pub fn start(bind: SocketAddrV4, start: Instant, seconds: usize) -> Self {
+        let socket = UdpSocket::bind(bind).unwrap_or_else(|error| panic!("failed to bind receiver on {bind}: {error}"));
+        socket.set_read_timeout(Some(Duration::from_millis(50))).expect("set read timeout");
+        set_receive_buffer(&socket, 8 << 20);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let handle = thread::spawn(move || {
+            let mut counts: HashMap<Ipv4Addr, Vec<u64>> = HashMap::new();
+            let mut buffer = [0u8; 2048];
+            while !stop_flag.load(Ordering::Relaxed) {
+                let Ok((_, from)) = socket.recv_from(&mut buffer) else { continue };
+                let SocketAddr::V4(from) = from else { continue };
+                let second = start.elapsed().as_secs() as usize;
+                if second < seconds {
+                    counts.entry(*from.ip()).or_insert_with(|| vec![0; seconds])[second] += 1;
+                }
+            }
+            counts
+        });
+        Self { stop, handle }
+    }
+
+    pub fn finish(self) -> HashMap<Ipv4Addr, Vec<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("receiver thread panicked")
+    }
+}
+
+/// Starts a paced sender thread for `source` in `netns`, sending to `destination` from
+/// `start` for `duration`. The thread returns the number of packets sent.
+pub fn spawn_sender(netns: &str, source: Source, destination: SocketAddrV4, start: Instant, duration: Duration) -> thread::JoinHandle<u64> {
+    let netns_path = format!("/var/run/netns/{netns}");
+    thread::spawn(move || {
+        enter_netns(&netns_path);
+        pin_to_cpu(source.cpu);
+        let socket = UdpSocket::bind(SocketAddrV4::new(source.addr, 0))
+            .unwrap_or_else(|error| panic!("failed to bind sender on {}: {error}", source.addr));
+        let payload = [0x5au8; 64];
+        let mut sent = 0u64;
+        loop {
+            let elapsed = start.elapsed();
+            if elapsed >= duration {
+                return sent;
+            }
+            // Send whatever the schedule says is due, then sleep briefly: keeps the rate
+            // exact on average without one sleep per packet.
+            let due = (elapsed.as_secs_f64() * source.packets_per_second as f64) as u64;
+            while sent < due {
+                // Errors such as ENOBUFS count as sent-and-lost; the receiver is the judge.
+                let _ = socket.send_to(&payload, destination);
+                sent += 1;
+            }
+            thread::sleep(Duration::from_micros(500));
+        }
+    })
+}
+
+/// Sends from every source for `duration` and counts what arrives at `destination`.
+pub fn run_traffic(netns: &str, sources: &[Source], destination: SocketAddrV4, duration: Duration) -> TrafficReport {
+    let start = Instant::now() + Duration::from_millis(100);
+    let seconds = duration.as_secs() as usize;
+    let receiver = Receiver::start(destination, start, seconds);
+    let senders: Vec<_> = sources
+        .iter()
+        .map(|source| (source.addr, spawn_sender(netns, *source, destination, start, duration)))
+        .collect();
+
+    let mut report = TrafficReport::default();
+    for (addr, sender) in senders {
+        *report.sent.entry(addr).or_default() += sender.join().expect("sender thread panicked");
+    }
+    // Let the last packets drain through the stack before the receiver stops.
+    thread::sleep(Duration::from_millis(200));
+    report.received_per_second = receiver.finish();
+    report
+}
+
+fn enter_netns(path: &str) {
+    let file = File::open(path).unwrap_or_else(|error| panic!("failed to open {path}: {error}"));
+    // SAFETY: setns(2) on a namespace file descriptor that stays open for the call; it moves
+    // only the calling thread.
+    let result = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(result, 0, "setns({path}) failed: {}", std::io::Error::last_os_error());
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `cpu_set_t` is plain data; CPU_SET writes inside it; sched_setaffinity(0, ...)
+    // applies to the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let result = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(result, 0, "failed to pin sender to CPU {cpu}: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn set_receive_buffer(socket: &UdpSocket, bytes: libc::c_int) {
+    // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
