@@ -2,7 +2,7 @@
 //!
 //! Each tick the agent learns a key's fleet-wide estimate, turns it into the budget left in
 //! the window, takes this gateway's share in proportion to where the key's traffic arrived,
-//! and splits that share across the CPUs that saw the key. Shares are rounded down, so the
+//! and splits that share across the CPUs, mostly where the key was seen. Shares are rounded down, so the
 //! shares of all gateways never add up to more than the budget when their demands add up to
 //! the fleet's.
 
@@ -18,12 +18,18 @@ pub fn proportional_share(budget: u64, own: u64, total: u64) -> u64 {
     share as u64
 }
 
-/// Splits `budget` over the CPUs in proportion to `demand`, writing each CPU's part to
-/// `shares` (same length as `demand`).
+/// Part of a gateway's budget spread evenly over all CPUs, in quarters; the rest follows
+/// demand. A key's packets can move to another CPU between ticks (RSS changes, or a NIC queue
+/// whose polling moves between CPUs), and without a reserve that CPU would drop every packet
+/// until the next tick. Reserve left unused stays in the fleet's free budget, so the next
+/// tick grants it again: it makes no packet pass beyond the limit.
+const EVEN_QUARTERS: u64 = 1;
+
+/// Splits `budget` over the CPUs, writing each CPU's part to `shares` (same length as
+/// `demand`): a quarter evenly, three quarters in proportion to `demand`.
 ///
 /// The parts add up to exactly `budget`: what rounding leaves over goes to the CPU with the
-/// highest demand. With no demand anywhere, the budget is split evenly, so a key that turns
-/// up on a new CPU before the next tick still gets some of it.
+/// highest demand. With no demand anywhere, the whole budget is split evenly.
 pub fn split_by_demand(budget: u64, demand: &[u64], shares: &mut [u64]) {
     let cpus = demand.len().min(shares.len());
     if cpus == 0 {
@@ -33,23 +39,33 @@ pub fn split_by_demand(budget: u64, demand: &[u64], shares: &mut [u64]) {
     let shares = &mut shares[..cpus];
     let total: u128 = demand.iter().map(|d| u128::from(*d)).sum();
 
-    if total == 0 {
-        let even = budget / cpus as u64;
-        shares.fill(even);
-        shares[0] += budget - even * cpus as u64;
-        return;
+    let even_budget = if total == 0 { budget } else { budget / 4 * EVEN_QUARTERS };
+    let demand_budget = budget - even_budget;
+    shares.fill(even_budget / cpus as u64);
+    // The even part's remainder goes to the least busy CPUs, which the reserve is for:
+    // CPUs are taken in order of (demand, index), without allocating.
+    let mut previous: Option<(u64, usize)> = None;
+    for _ in 0..even_budget % cpus as u64 {
+        let next = (0..cpus)
+            .map(|cpu| (demand[cpu], cpu))
+            .filter(|candidate| previous.is_none_or(|previous| *candidate > previous))
+            .min();
+        let Some((_, cpu)) = next else { break };
+        shares[cpu] += 1;
+        previous = next;
     }
 
-    let mut given = 0u64;
     let mut busiest = 0;
-    for (cpu, own) in demand.iter().enumerate() {
-        // `own <= total`, so each part is at most `budget` and the parts add up to at most it.
-        shares[cpu] = (u128::from(budget) * u128::from(*own) / total) as u64;
-        given += shares[cpu];
-        if *own > demand[busiest] {
-            busiest = cpu;
+    if total > 0 {
+        for (cpu, own) in demand.iter().enumerate() {
+            // `own <= total`, so each part is at most `demand_budget` and they add up to at most it.
+            shares[cpu] += (u128::from(demand_budget) * u128::from(*own) / total) as u64;
+            if *own > demand[busiest] {
+                busiest = cpu;
+            }
         }
     }
+    let given: u64 = shares.iter().sum();
     shares[busiest] += budget - given;
 }
 
@@ -75,12 +91,22 @@ mod tests {
     #[test]
     fn split_by_demand_sums_to_budget() {
         let mut shares = [0u64; 4];
+        // 25 evenly (6 each, the 1 left over to the idle CPU 3), 75 by demand: 45, 22, 7, 0,
+        // and the 1 left over to the busiest CPU 0.
         split_by_demand(100, &[60, 30, 10, 0], &mut shares);
-        assert_eq!(shares, [60, 30, 10, 0]);
+        assert_eq!(shares, [52, 28, 13, 7]);
+        assert_eq!(shares.iter().sum::<u64>(), 100);
 
         split_by_demand(10, &[1, 1, 1, 0], &mut shares);
         assert_eq!(shares.iter().sum::<u64>(), 10);
-        assert_eq!(shares, [4, 3, 3, 0]);
+        assert_eq!(shares, [5, 2, 2, 1]);
+    }
+
+    #[test]
+    fn split_by_demand_reserves_for_idle_cpus() {
+        let mut shares = [0u64; 2];
+        split_by_demand(40, &[5, 0], &mut shares);
+        assert_eq!(shares, [35, 5]);
     }
 
     #[test]
@@ -93,9 +119,11 @@ mod tests {
     #[test]
     fn split_by_demand_gives_remainder_to_busiest() {
         let mut shares = [0u64; 3];
+        // 2 evenly (to the least busy CPUs 0 and 2), 8 by demand: 1, 5, 1, and the 1 left
+        // over to the busiest CPU 1.
         split_by_demand(10, &[1, 5, 1], &mut shares);
         assert_eq!(shares.iter().sum::<u64>(), 10);
-        assert_eq!(shares, [1, 8, 1]);
+        assert_eq!(shares, [2, 6, 2]);
     }
 
     #[test]

@@ -117,6 +117,13 @@ impl VethPair {
             run("ip", &["-n", &netns.name, "addr", "add", &format!("{addr}/24"), "dev", &pair.peer]);
         }
         run("ip", &["-n", &netns.name, "link", "set", &pair.peer, "up"]);
+
+        // A permanent neighbour entry for the gateway: otherwise the first packets of every
+        // source wait for ARP in a queue of a few packets, and a fast source's overflow
+        // drops a slow source's packets before they reach the program under test.
+        let mac_path = format!("/sys/class/net/{}/address", pair.host);
+        let mac = std::fs::read_to_string(&mac_path).unwrap_or_else(|error| panic!("failed to read {mac_path}: {error}"));
+        run("ip", &["-n", &netns.name, "neigh", "replace", &host_addr.to_string(), "lladdr", mac.trim(), "dev", &pair.peer, "nud", "permanent"]);
         pair
     }
 }
@@ -205,15 +212,18 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("bound socket has an address").port()
 }
 
-/// Returns the path of the `limiter` binary built next to the test binary.
+/// Returns the path of the `limiter` binary of the same build profile as this executable:
+/// `target/<profile>/limiter`, found from a test (`target/<profile>/deps/<test>`) or from a
+/// binary (`target/<profile>/<binary>`).
 pub fn limiter_binary() -> PathBuf {
-    let test_binary = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>/limiter
-    let path = test_binary.parent().and_then(Path::parent).map(|dir| dir.join("limiter"));
-    match path {
-        Some(path) if path.exists() => path,
-        _ => panic!("limiter binary not found next to {}: build it first with `cargo build -p limiter-user`", test_binary.display()),
+    let executable = std::env::current_exe().expect("path of the running executable");
+    let candidates = executable.ancestors().skip(1).take(2).map(|dir| dir.join("limiter"));
+    for candidate in candidates {
+        if candidate.is_file() {
+            return candidate;
+        }
     }
+    panic!("limiter binary not found near {}: build it first with `cargo build --release -p limiter-user`", executable.display())
 }
 
 /// A running `limiter agent`, sent SIGTERM on drop so it removes its control socket.

@@ -15,6 +15,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Set by [`request_stop`]: senders return early, so an interrupted run still cleans up.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Makes every sender return at its next step. Safe to call from a signal handler.
+pub fn request_stop() {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
 /// One source of test traffic.
 #[derive(Clone, Copy, Debug)]
 pub struct Source {
@@ -30,18 +42,28 @@ pub struct TrafficReport {
     pub sent: HashMap<Ipv4Addr, u64>,
     /// Packets received from each source in each whole second since the start.
     pub received_per_second: HashMap<Ipv4Addr, Vec<u64>>,
+    /// Packets received from each source in all, including those still in flight when the
+    /// last whole second ended.
+    pub received: HashMap<Ipv4Addr, u64>,
 }
 
 impl TrafficReport {
     pub fn received_total(&self, addr: Ipv4Addr) -> u64 {
-        self.received_per_second.get(&addr).map_or(0, |seconds| seconds.iter().sum())
+        self.received.get(&addr).copied().unwrap_or(0)
     }
+}
+
+/// Packets a [`Receiver`] counted.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub per_second: HashMap<Ipv4Addr, Vec<u64>>,
+    pub total: HashMap<Ipv4Addr, u64>,
 }
 
 /// Counts UDP packets arriving at `bind`, per source and per second since `start`.
 pub struct Receiver {
     stop: Arc<AtomicBool>,
-    handle: thread::JoinHandle<HashMap<Ipv4Addr, Vec<u64>>>,
+    handle: thread::JoinHandle<Received>,
 }
 
 impl Receiver {
@@ -52,22 +74,23 @@ impl Receiver {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let handle = thread::spawn(move || {
-            let mut counts: HashMap<Ipv4Addr, Vec<u64>> = HashMap::new();
+            let mut received = Received::default();
             let mut buffer = [0u8; 2048];
             while !stop_flag.load(Ordering::Relaxed) {
                 let Ok((_, from)) = socket.recv_from(&mut buffer) else { continue };
                 let SocketAddr::V4(from) = from else { continue };
+                *received.total.entry(*from.ip()).or_default() += 1;
                 let second = start.elapsed().as_secs() as usize;
                 if second < seconds {
-                    counts.entry(*from.ip()).or_insert_with(|| vec![0; seconds])[second] += 1;
+                    received.per_second.entry(*from.ip()).or_insert_with(|| vec![0; seconds])[second] += 1;
                 }
             }
-            counts
+            received
         });
         Self { stop, handle }
     }
 
-    pub fn finish(self) -> HashMap<Ipv4Addr, Vec<u64>> {
+    pub fn finish(self) -> Received {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("receiver thread panicked")
     }
@@ -86,7 +109,7 @@ pub fn spawn_sender(netns: &str, source: Source, destination: SocketAddrV4, star
         let mut sent = 0u64;
         loop {
             let elapsed = start.elapsed();
-            if elapsed >= duration {
+            if elapsed >= duration || stop_requested() {
                 return sent;
             }
             // Send whatever the schedule says is due, then sleep briefly: keeps the rate
@@ -118,7 +141,9 @@ pub fn run_traffic(netns: &str, sources: &[Source], destination: SocketAddrV4, d
     }
     // Let the last packets drain through the stack before the receiver stops.
     thread::sleep(Duration::from_millis(200));
-    report.received_per_second = receiver.finish();
+    let received = receiver.finish();
+    report.received_per_second = received.per_second;
+    report.received = received.total;
     report
 }
 

@@ -1,1 +1,104 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | demo | test`.
+//!
+//! Every task that builds runs `setup` first, so a fresh machine needs nothing installed by
+//! hand. xtask itself depends on nothing that needs the eBPF toolchain, so it builds before
+//! that toolchain exists.
+
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, demo and test tasks of the limiter")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the Debian packages, nightly rust-src and bpf-linker, where missing.
+    Setup,
+    /// Build the `limiter` binary (release) with the XDP program embedded.
+    Build,
+    /// Run the demo: real packets through a real XDP program, one agent, one redis-server.
+    Demo,
+    /// Run the unit tests, then the privileged integration tests (needs root).
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    std::env::set_current_dir(workspace_root()).context("failed to enter the workspace")?;
+    match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build => {
+            setup::setup()?;
+            build()
+        }
+        Task::Demo => {
+            setup::setup()?;
+            build()?;
+            require_root("the demo creates network namespaces and attaches XDP")?;
+            run(Command::new("cargo").args(["run", "--release", "--quiet", "-p", "limiter-tests", "--bin", "limiter-demo"]))
+        }
+        Task::Test => {
+            setup::setup()?;
+            test()
+        }
+    }
+}
+
+fn build() -> anyhow::Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "limiter-user"]))
+}
+
+fn test() -> anyhow::Result<()> {
+    // Unit tests need no privileges: window arithmetic, allowances, rule parsing, replies.
+    run(Command::new("cargo").args(["test", "--release", "-p", "limiter-common", "--features", "user"]))?;
+    run(Command::new("cargo").args(["test", "--release", "-p", "limiter-user", "-p", "xtask"]))?;
+
+    // Integration tests load XDP programs, create namespaces and start agents and
+    // redis-servers. One at a time: the traffic tests measure per-second rates on 2 cores.
+    require_root("the integration tests load XDP programs and create network namespaces")?;
+    build()?;
+    run(Command::new("cargo").args(["test", "--release", "-p", "limiter-tests", "--", "--test-threads=1"]))
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_path_buf()
+}
+
+/// Runs a command with inherited output, failing with its command line if it fails.
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("failed to start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its standard output.
+pub(crate) fn command_output(command: &mut Command) -> anyhow::Result<String> {
+    let output = command.output().with_context(|| format!("failed to start {command:?}"))?;
+    if !output.status.success() {
+        bail!("{command:?} failed with {}: {}", output.status, String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
