@@ -34,10 +34,10 @@ local span_us = tonumber(ARGV[3])
 if not window_us or window_us < 1 or window_us ~= math.floor(window_us) then
   return redis.error_reply('invalid window length ' .. tostring(ARGV[1]) .. ': expected an integer >= 1')
 end
-if not ttl_ms or ttl_ms < 1 then
+if not ttl_ms or ttl_ms < 1 or ttl_ms ~= math.floor(ttl_ms) then
   return redis.error_reply('invalid ttl ' .. tostring(ARGV[2]) .. ': expected an integer >= 1')
 end
-if not span_us or span_us < 1 then
+if not span_us or span_us < 1 or span_us ~= math.floor(span_us) then
   return redis.error_reply('invalid span ' .. tostring(ARGV[3]) .. ': expected an integer >= 1')
 end
 if #ARGV < FIRST_TRIPLE - 1 or (#ARGV - FIRST_TRIPLE + 1) % 3 ~= 0 then
@@ -45,7 +45,8 @@ if #ARGV < FIRST_TRIPLE - 1 or (#ARGV - FIRST_TRIPLE + 1) % 3 ~= 0 then
 end
 for i = FIRST_TRIPLE, #ARGV, 3 do
   local passed, offered = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  if not passed or passed < 0 or not offered or offered < 0 then
+  if not passed or passed < 0 or passed ~= math.floor(passed)
+      or not offered or offered < 0 or offered ~= math.floor(offered) then
     return redis.error_reply('invalid deltas for key ' .. ARGV[i] .. ': expected two integers >= 0')
   end
 end
@@ -60,7 +61,7 @@ if window_id % 2 == 1 then
   current_key, previous_key = KEYS[2], KEYS[1]
 end
 
--- A hash that still holds another window is reused for the window it must hold now.
+-- A hash that contains another window's counts is cleared and reused for `id`.
 local function claim(key, id)
   if tonumber(redis.call('HGET', key, 'window')) ~= id then
     redis.call('DEL', key)

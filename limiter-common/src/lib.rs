@@ -82,14 +82,14 @@ pub struct Rule {
     pub _padding: u8,
     /// Packets each key may pass per window, fleet-wide.
     pub limit: u64,
-    /// Packets each key may pass per window on this gateway while it holds no valid grant
+    /// Packets each key may pass per window on this gateway while it has no valid grant
     /// from the agent: the limit divided by the number of gateways last seen.
     pub fallback_limit: u64,
     /// Window length in nanoseconds, within [`MIN_WINDOW_NS`, `MAX_WINDOW_NS`].
     pub window_ns: u64,
 }
 
-/// The unit a rule limits: one masked source address (and port, if the rule says so).
+/// The unit a rule limits: one masked source address, plus the destination port for rules keyed by port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -126,7 +126,7 @@ pub struct KeyCounter {
     pub offered: u64,
     /// Packets of this key passed on this CPU since the entry was created.
     pub passed: u64,
-    /// Window this CPU enforces on its own while the key holds no valid grant.
+    /// Window this CPU enforces on its own while the key has no valid grant.
     pub fallback_window: SlidingWindow,
 }
 
@@ -145,7 +145,7 @@ pub struct Grant {
     pub expires_ns: u64,
 }
 
-/// Why the program returned its verdict. Each packet is counted once, under one reason, in
+/// Reason for a verdict of the program. Each packet is counted once, under one reason, in
 /// the per-CPU `STATS` array indexed by this value.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +156,7 @@ pub enum Reason {
     NoRule = 1,
     /// Not IPv4 or IPv6 (ARP, LLDP, ...): `XDP_PASS`.
     NotIp = 2,
-    /// Over the rule's fallback limit while the key holds no valid grant: `XDP_DROP`.
+    /// Over the rule's fallback limit while the key has no valid grant: `XDP_DROP`.
     DroppedLocalLimit = 3,
     /// Over the grant the agent computed from fleet-wide counts: `XDP_DROP`.
     DroppedGlobalLimit = 4,
@@ -203,7 +203,7 @@ impl Reason {
         }
     }
 
-    /// Whether packets counted under this reason are dropped.
+    /// Returns true when packets counted under this reason are dropped.
     pub const fn drops(self) -> bool {
         matches!(
             self,

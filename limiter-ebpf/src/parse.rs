@@ -27,7 +27,7 @@ const IPV6_DESTINATION_OPTIONS: u8 = 60;
 const TCP_HEADER_LEN: usize = 20;
 const UDP_HEADER_LEN: usize = 8;
 
-/// What the limiter needs from a packet.
+/// Fields of a parsed packet that the limiter keys and matches on.
 pub struct Packet {
     pub family: u8,
     /// Source address in network byte order; IPv4 fills the first 4 bytes.
@@ -162,7 +162,7 @@ fn parse_ipv6(ctx: &XdpContext, cursor: &mut Cursor) -> Result<Packet, Reason> {
     let mut packet = Packet { family: FAMILY_IPV6, src_addr: src, protocol: 0, dst_port: 0 };
     let mut first_fragment = true;
 
-    // The verifier needs a constant bound on this walk; real traffic carries two or three
+    // The verifier needs a constant bound on this walk. Real traffic carries two or three
     // extension headers at most, so a longer chain is dropped rather than left unlimited.
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
         match next_header {
@@ -192,6 +192,11 @@ fn parse_ipv6(ctx: &XdpContext, cursor: &mut Cursor) -> Result<Packet, Reason> {
                 cursor.offset += size_of::<Ipv6Fragment>();
             }
             _ => break,
+        }
+        // Only the first bytes of an extension header were read, but the whole header must
+        // be inside the frame, even when nothing after it is read.
+        if ctx.data() + cursor.offset > ctx.data_end() {
+            return Err(Reason::Malformed);
         }
     }
 

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod test_run;
 pub mod traffic;
 
 /// Returns a name unique to this process and call, at most 15 bytes (the limit of an
