@@ -1,24 +1,30 @@
--- Adds one gateway's packet counts for a batch of keys, and returns the fleet-wide counts of
--- the current and the previous window, so the agent can compute each key's sliding-window
--- estimate with the same arithmetic the XDP program uses.
+-- Adds one gateway's passed packets for a batch of keys, and returns for each key the fleet's
+-- counts in the current and previous window and what the other gateways may still pass on
+-- the grants they hold, so the agent can size this gateway's next grant.
 --
 -- Window ids come from the Redis server's clock (TIME), never from a gateway's, so every
 -- gateway agrees on where a window starts.
 --
 -- KEYS[1], KEYS[2]  hashes holding the counts of one (rule, bucket) group for even and odd
---                   window ids. Both names carry the same hash tag, so in Redis Cluster a call
---                   touches a single slot. Each hash has a field "window" with the window id
---                   it holds, and fields "p:<flow key>" (passed) and "o:<flow key>" (offered).
--- ARGV[1]           window length in microseconds, at least 1
--- ARGV[2]           time to live of both hashes in milliseconds (a few windows)
+--                   window ids. Each has a field "window" with the window id whose counts it
+--                   contains, and a field "p:<flow key>" per key with its passed packets.
+-- KEYS[3]           hash of the group's leases, written by reserve.lua: one field per flow
+--                   key, "node,grant,time_us,interval_us,rate;..." for each gateway's last
+--                   grant. All three names carry the same hash tag, so in Redis Cluster a
+--                   call touches a single slot.
+-- ARGV[1]           window length in microseconds, an integer >= 1
+-- ARGV[2]           time to live of the window hashes in milliseconds, an integer >= 1
 -- ARGV[3]           span in microseconds that the deltas were counted over, ending now (the
---                   time since the gateway's previous report), at least 1
--- ARGV[4..]         triples: flow key, passed delta, offered delta (integers, at least 0)
+--                   time since the gateway's previous report), an integer >= 1
+-- ARGV[4]           node id of the calling gateway, whose own lease is left out
+-- ARGV[5..]         pairs: flow key, passed delta (an integer >= 0)
 --
--- Reply: { now_us, window_id, then for each triple in order:
---          current_passed, previous_passed, current_offered, previous_offered }
+-- Reply: { now_us, window_id, then for each pair in order:
+--          current_passed, previous_passed, others_outstanding, others_rate }
 -- where now_us is the server time in microseconds. Counts of a window the hashes no longer
--- hold are 0.
+-- contain are 0. others_outstanding is what the other gateways' grants still allow, each
+-- assumed spent evenly over its gateway's sync interval; others_rate is the sum of the
+-- offered packets per second the other gateways reported within two of their intervals.
 --
 -- A delta whose span reaches back across the start of the current window is split: the
 -- part counted before the boundary, in proportion to time, goes to the previous window.
@@ -27,27 +33,34 @@
 --
 -- Errors: a reply error naming the bad argument; nothing is written in that case.
 
-local FIRST_TRIPLE = 4
+local FIRST_PAIR = 5
+
+local function is_count(value)
+  return value ~= nil and value >= 0 and value == math.floor(value)
+end
+
 local window_us = tonumber(ARGV[1])
 local ttl_ms = tonumber(ARGV[2])
 local span_us = tonumber(ARGV[3])
-if not window_us or window_us < 1 or window_us ~= math.floor(window_us) then
+local node = ARGV[4]
+if not is_count(window_us) or window_us < 1 then
   return redis.error_reply('invalid window length ' .. tostring(ARGV[1]) .. ': expected an integer >= 1')
 end
-if not ttl_ms or ttl_ms < 1 or ttl_ms ~= math.floor(ttl_ms) then
+if not is_count(ttl_ms) or ttl_ms < 1 then
   return redis.error_reply('invalid ttl ' .. tostring(ARGV[2]) .. ': expected an integer >= 1')
 end
-if not span_us or span_us < 1 or span_us ~= math.floor(span_us) then
+if not is_count(span_us) or span_us < 1 then
   return redis.error_reply('invalid span ' .. tostring(ARGV[3]) .. ': expected an integer >= 1')
 end
-if #ARGV < FIRST_TRIPLE - 1 or (#ARGV - FIRST_TRIPLE + 1) % 3 ~= 0 then
-  return redis.error_reply('invalid argument count ' .. #ARGV .. ': expected 3 plus triples of key, passed, offered')
+if not node or node == '' then
+  return redis.error_reply('missing node id: expected ARGV[4]')
 end
-for i = FIRST_TRIPLE, #ARGV, 3 do
-  local passed, offered = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  if not passed or passed < 0 or passed ~= math.floor(passed)
-      or not offered or offered < 0 or offered ~= math.floor(offered) then
-    return redis.error_reply('invalid deltas for key ' .. ARGV[i] .. ': expected two integers >= 0')
+if (#ARGV - FIRST_PAIR + 1) % 2 ~= 0 then
+  return redis.error_reply('invalid argument count ' .. #ARGV .. ': expected 4 plus pairs of key and passed delta')
+end
+for i = FIRST_PAIR, #ARGV, 2 do
+  if not is_count(tonumber(ARGV[i + 1])) then
+    return redis.error_reply('invalid delta for key ' .. ARGV[i] .. ': expected an integer >= 0')
   end
 end
 
@@ -80,26 +93,48 @@ if elapsed_us < span_us then
 end
 local previous_valid = tonumber(redis.call('HGET', previous_key, 'window')) == window_id - 1
 
+-- Sums what the other gateways' leases on one key still allow, and their offered rates.
+local function other_leases(leases)
+  local outstanding, rate = 0, 0
+  if not leases then
+    return 0, 0
+  end
+  for lease in string.gmatch(leases, '[^;]+') do
+    -- The same anchored pattern as reserve.lua, so both skip a malformed entry alike.
+    local lease_node, grant, granted_us, interval_us, lease_rate =
+        string.match(lease, '^([^,]+),(%d+),(%d+),(%d+),(%d+)$')
+    if lease_node and lease_node ~= node then
+      grant, granted_us, interval_us = tonumber(grant), tonumber(granted_us), tonumber(interval_us)
+      local age_us = now_us - granted_us
+      if age_us < interval_us then
+        outstanding = outstanding + grant * (interval_us - age_us) / interval_us
+      end
+      if age_us < 2 * interval_us then
+        rate = rate + tonumber(lease_rate)
+      end
+    end
+  end
+  return math.floor(outstanding), rate
+end
+
 local reply = { now_us, window_id }
-for i = FIRST_TRIPLE, #ARGV, 3 do
-  local key, passed, offered = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+for i = FIRST_PAIR, #ARGV, 2 do
+  local key, passed = ARGV[i], tonumber(ARGV[i + 1])
+  local field = 'p:' .. key
   local passed_before = math.floor(passed * before_us / span_us)
-  local offered_before = math.floor(offered * before_us / span_us)
   if passed_before > 0 then
-    redis.call('HINCRBY', previous_key, 'p:' .. key, passed_before)
+    redis.call('HINCRBY', previous_key, field, passed_before)
   end
-  if offered_before > 0 then
-    redis.call('HINCRBY', previous_key, 'o:' .. key, offered_before)
-  end
-  reply[#reply + 1] = redis.call('HINCRBY', current_key, 'p:' .. key, passed - passed_before)
-  reply[#reply + 1] = 0
-  reply[#reply + 1] = redis.call('HINCRBY', current_key, 'o:' .. key, offered - offered_before)
-  reply[#reply + 1] = 0
+  local current = redis.call('HINCRBY', current_key, field, passed - passed_before)
+  local previous = 0
   if previous_valid then
-    local previous = redis.call('HMGET', previous_key, 'p:' .. key, 'o:' .. key)
-    reply[#reply - 2] = tonumber(previous[1]) or 0
-    reply[#reply] = tonumber(previous[2]) or 0
+    previous = tonumber(redis.call('HGET', previous_key, field)) or 0
   end
+  local outstanding, rate = other_leases(redis.call('HGET', KEYS[3], key))
+  reply[#reply + 1] = current
+  reply[#reply + 1] = previous
+  reply[#reply + 1] = outstanding
+  reply[#reply + 1] = rate
 end
 
 redis.call('PEXPIRE', current_key, ttl_ms)

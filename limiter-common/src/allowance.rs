@@ -29,7 +29,9 @@ const EVEN_QUARTERS: u64 = 1;
 /// `demand`): a quarter evenly, three quarters in proportion to `demand`.
 ///
 /// The parts add up to exactly `budget`: what rounding leaves over goes to the CPU with the
-/// highest demand. With no demand anywhere, the whole budget is split evenly.
+/// highest demand. The even quarter is rounded down to whole packets per CPU, so a budget too
+/// small to give every CPU a packet goes wholly by demand. With no demand anywhere, the whole
+/// budget is split evenly.
 pub fn split_by_demand(budget: u64, demand: &[u64], shares: &mut [u64]) {
     let cpus = demand.len().min(shares.len());
     if cpus == 0 {
@@ -40,20 +42,9 @@ pub fn split_by_demand(budget: u64, demand: &[u64], shares: &mut [u64]) {
     let total: u128 = demand.iter().map(|d| u128::from(*d)).sum();
 
     let even_budget = if total == 0 { budget } else { budget / 4 * EVEN_QUARTERS };
-    let demand_budget = budget - even_budget;
-    shares.fill(even_budget / cpus as u64);
-    // The even part's remainder goes to the least busy CPUs, which the reserve is for:
-    // CPUs are taken in order of (demand, index), without allocating.
-    let mut previous: Option<(u64, usize)> = None;
-    for _ in 0..even_budget % cpus as u64 {
-        let next = (0..cpus)
-            .map(|cpu| (demand[cpu], cpu))
-            .filter(|candidate| previous.is_none_or(|previous| *candidate > previous))
-            .min();
-        let Some((_, cpu)) = next else { break };
-        shares[cpu] += 1;
-        previous = next;
-    }
+    let even_per_cpu = even_budget / cpus as u64;
+    shares.fill(even_per_cpu);
+    let demand_budget = budget - even_per_cpu * cpus as u64;
 
     let mut busiest = 0;
     if total > 0 {
@@ -91,15 +82,16 @@ mod tests {
     #[test]
     fn split_by_demand_sums_to_budget() {
         let mut shares = [0u64; 4];
-        // 25 evenly (6 each, the 1 left over to the idle CPU 3), 75 by demand: 45, 22, 7, 0,
-        // and the 1 left over to the busiest CPU 0.
+        // 25 evenly (6 each), the other 76 by demand: 45, 22, 7, 0, and the 2 left over to
+        // the busiest CPU 0.
         split_by_demand(100, &[60, 30, 10, 0], &mut shares);
-        assert_eq!(shares, [52, 28, 13, 7]);
+        assert_eq!(shares, [53, 28, 13, 6]);
         assert_eq!(shares.iter().sum::<u64>(), 100);
 
+        // A quarter of 10 is less than a packet per CPU, so all of it goes by demand.
         split_by_demand(10, &[1, 1, 1, 0], &mut shares);
         assert_eq!(shares.iter().sum::<u64>(), 10);
-        assert_eq!(shares, [5, 2, 2, 1]);
+        assert_eq!(shares, [4, 3, 3, 0]);
     }
 
     #[test]
@@ -119,11 +111,10 @@ mod tests {
     #[test]
     fn split_by_demand_gives_remainder_to_busiest() {
         let mut shares = [0u64; 3];
-        // 2 evenly (to the least busy CPUs 0 and 2), 8 by demand: 1, 5, 1, and the 1 left
-        // over to the busiest CPU 1.
+        // All 10 by demand: 1, 7, 1, and the 1 left over to the busiest CPU 1.
         split_by_demand(10, &[1, 5, 1], &mut shares);
         assert_eq!(shares.iter().sum::<u64>(), 10);
-        assert_eq!(shares, [2, 6, 2]);
+        assert_eq!(shares, [1, 8, 1]);
     }
 
     #[test]

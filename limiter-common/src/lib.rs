@@ -18,6 +18,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const GRANTS: &str = "GRANTS";
     pub const STATS: &str = "STATS";
+    pub const AGENT: &str = "AGENT";
 }
 
 /// Maximum number of rules the `RULES` map holds.
@@ -85,6 +86,11 @@ pub struct Rule {
     /// Packets each key may pass per window on this gateway while it has no valid grant
     /// from the agent: the limit divided by the number of gateways last seen.
     pub fallback_limit: u64,
+    /// Packets a key never granted yet may pass per window on each CPU while the agent is
+    /// alive: about two ticks' worth of this gateway's part of the limit. A new key gets
+    /// its first grant within a tick, and passing the whole fallback limit before that would
+    /// let a flood's first window overshoot on every gateway at once.
+    pub new_key_limit: u64,
     /// Window length in nanoseconds, within [`MIN_WINDOW_NS`, `MAX_WINDOW_NS`].
     pub window_ns: u64,
 }
@@ -114,6 +120,17 @@ pub struct SlidingWindow {
     pub window_id: u64,
     pub current: u64,
     pub previous: u64,
+}
+
+/// Liveness of the agent, the single entry of the `AGENT` array, written every tick while
+/// the agent reaches Redis.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AgentHeartbeat {
+    /// `CLOCK_MONOTONIC` time in nanoseconds until which new keys are expected to receive a
+    /// grant soon, and so are held to `Rule::new_key_limit` instead of the fallback limit.
+    pub granting_until_ns: u64,
 }
 
 /// Per-CPU state of one key in `COUNTERS`.
@@ -156,7 +173,7 @@ pub enum Reason {
     NoRule = 1,
     /// Not IPv4 or IPv6 (ARP, LLDP, ...): `XDP_PASS`.
     NotIp = 2,
-    /// Over the rule's fallback limit while the key has no valid grant: `XDP_DROP`.
+    /// Over the rule's fallback or new-key limit while the key has no valid grant: `XDP_DROP`.
     DroppedLocalLimit = 3,
     /// Over the grant the agent computed from fleet-wide counts: `XDP_DROP`.
     DroppedGlobalLimit = 4,
@@ -225,6 +242,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::KeyCounter {}
     unsafe impl aya::Pod for super::Grant {}
+    unsafe impl aya::Pod for super::AgentHeartbeat {}
 }
 
 #[cfg(test)]
@@ -235,7 +253,8 @@ mod tests {
     #[test]
     fn map_types_have_no_implicit_padding() {
         assert_eq!(size_of::<RuleMatch>(), 4);
-        assert_eq!(size_of::<Rule>(), 32);
+        assert_eq!(size_of::<Rule>(), 40);
+        assert_eq!(size_of::<AgentHeartbeat>(), 8);
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<SlidingWindow>(), 24);
         assert_eq!(size_of::<KeyCounter>(), 40);

@@ -14,12 +14,12 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{HashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use limiter_common::{
-    DEFAULT_MAX_KEYS, FAMILY_IPV4, FlowKey, Grant, KeyCounter, MAX_RULES, REASON_COUNT, Reason,
-    Rule, RuleMatch, window,
+    AgentHeartbeat, DEFAULT_MAX_KEYS, FAMILY_IPV4, FlowKey, Grant, KeyCounter, MAX_RULES, REASON_COUNT,
+    Reason, Rule, RuleMatch, window,
 };
 use parse::{Packet, parse_packet};
 
@@ -35,6 +35,10 @@ static COUNTERS: LruPerCpuHashMap<FlowKey, KeyCounter> = LruPerCpuHashMap::pinne
 /// Per-CPU grants the agent computes from fleet-wide counts each tick.
 #[map]
 static GRANTS: LruPerCpuHashMap<FlowKey, Grant> = LruPerCpuHashMap::pinned(DEFAULT_MAX_KEYS, 0);
+
+/// The agent's heartbeat: whether new keys can expect a grant soon.
+#[map]
+static AGENT: Array<AgentHeartbeat> = Array::pinned(1, 0);
 
 /// Packets per verdict reason, indexed by `Reason`.
 #[map]
@@ -88,7 +92,11 @@ fn limit_packet(packet: &Packet) -> Reason {
             (admitted, Reason::DroppedGlobalLimit)
         }
         _ => {
-            let admitted = counter.fallback_window.try_admit(now, rule.window_ns, rule.fallback_limit);
+            // A key never granted, while the agent is granting, waits at most a tick for its
+            // grant, so it passes a paced amount. An expired grant, or a silent agent, means
+            // the fleet is out of reach: the fallback limit applies.
+            let limit = if grant.is_none() && agent_granting(now) { rule.new_key_limit } else { rule.fallback_limit };
+            let admitted = counter.fallback_window.try_admit(now, rule.window_ns, limit);
             (admitted, Reason::DroppedLocalLimit)
         }
     };
@@ -98,6 +106,15 @@ fn limit_packet(packet: &Packet) -> Reason {
     }
     counter.passed += 1;
     Reason::Passed
+}
+
+/// Returns true while the agent's last heartbeat promises grants for new keys.
+#[inline(always)]
+fn agent_granting(now: u64) -> bool {
+    match AGENT.get(0) {
+        Some(heartbeat) => now < heartbeat.granting_until_ns,
+        None => false,
+    }
 }
 
 /// Returns the most specific rule for the packet: (protocol, port), then (protocol, any

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use limiter_common::AgentHeartbeat;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -21,7 +22,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     control::{self, AgentStatus, MAX_REQUEST_BYTES, Request, Response},
     datapath::{self, AttachMode, Maps},
-    reconcile::Reconciler,
+    reconcile::{self, Reconciler},
     rule_table::RuleTable,
     store::Store,
 };
@@ -58,7 +59,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Step 1: attach the program, or adopt the one pinned by an earlier run.
     let attachment = datapath::attach(&iface, mode, max_keys)?;
     let maps = Maps::open(&iface)?;
-    let rules = RuleTable::load(&maps)?;
+    let mut rules = RuleTable::load(&maps)?;
+    rules.set_sync_interval(sync_interval);
     let cpus = aya::util::nr_cpus().map_err(|(path, error)| anyhow::anyhow!("failed to read {path}: {error}"))?;
     info!(iface, node_id, %attachment, rules = rules.views().len(), cpus, "agent started");
 
@@ -100,7 +102,7 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
     // to its fallback limit.
     let grant_lifetime = config.sync_interval * 3;
     let gateway_alive = (config.sync_interval * 10).max(Duration::from_secs(2));
-    let mut reconciler = Reconciler::new(store.clone(), config.sync_interval, grant_lifetime, cpus);
+    let mut reconciler = Reconciler::new(store.clone(), &config.node_id, config.sync_interval, grant_lifetime, cpus);
 
     let mut interval = tokio::time::interval(config.sync_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -142,9 +144,20 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
         let rules_by_id = lock(&shared.rules).by_id();
         let report = reconciler.tick(&shared.maps, &rules_by_id).await;
         let elapsed = started.elapsed();
+        let reachable = heartbeat.is_ok() && report.failed_calls == 0;
+
+        // While grants flow, new keys are paced until their first grant; once the agent
+        // stops renewing this, new keys get the fallback limit.
+        if reachable {
+            let heartbeat = AgentHeartbeat {
+                granting_until_ns: reconcile::monotonic_ns().saturating_add(grant_lifetime.as_nanos() as u64),
+            };
+            if let Err(error) = lock(&shared.maps).agent.set(0, heartbeat, 0) {
+                warn!(%error, "failed to write the AGENT heartbeat");
+            }
+        }
 
         // Log store state changes once, not per tick or per key.
-        let reachable = heartbeat.is_ok() && report.failed_calls == 0;
         if store_reachable != Some(reachable) {
             if reachable {
                 info!(keys = report.keys_synced, "redis reachable, reconciling fleet-wide counts");

@@ -14,13 +14,13 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
-use limiter_common::{FlowKey, Grant, KeyCounter, Rule, RuleMatch, map_names};
+use limiter_common::{AgentHeartbeat, FlowKey, Grant, KeyCounter, Rule, RuleMatch, map_names};
 use tracing::{info, warn};
 
 /// The XDP object, built by `build.rs` from the `limiter-ebpf` crate.
@@ -220,7 +220,7 @@ pub fn remove_pins(dir: &Path) -> anyhow::Result<bool> {
     }
     // Removing the link pin drops the last reference to the link, which detaches the
     // program. Only the names this program pins are removed, nothing else in the folder.
-    for name in [LINK_PIN, map_names::RULES, map_names::COUNTERS, map_names::GRANTS, map_names::STATS] {
+    for name in [LINK_PIN, map_names::RULES, map_names::COUNTERS, map_names::GRANTS, map_names::STATS, map_names::AGENT] {
         let path = dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -240,6 +240,7 @@ pub struct Maps {
     pub counters: PerCpuHashMap<MapData, FlowKey, KeyCounter>,
     pub grants: PerCpuHashMap<MapData, FlowKey, Grant>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub agent: Array<MapData, AgentHeartbeat>,
 }
 
 impl Maps {
@@ -262,6 +263,7 @@ impl Maps {
             counters: open_pinned(dir, map_names::COUNTERS)?.try_into()?,
             grants: open_pinned(dir, map_names::GRANTS)?.try_into()?,
             stats: open_pinned(dir, map_names::STATS)?.try_into()?,
+            agent: open_pinned(dir, map_names::AGENT)?.try_into()?,
         })
     }
 }

@@ -177,6 +177,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(node_id) => node_id,
                 None => host_name().context("failed to read the host name: pass --node-id NAME")?,
             };
+            let valid_node_id = |id: &str| {
+                (1..=64).contains(&id.len())
+                    && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            };
+            if !valid_node_id(&node_id) {
+                bail!("invalid node id {node_id:?}: expected 1-64 letters, digits, '.', '_' or '-'; pass --node-id NAME");
+            }
             agent::run(AgentConfig {
                 iface: iface.iface,
                 mode,

@@ -1,14 +1,19 @@
 //! One reconciliation tick: read what each key did on this gateway since the last tick, add
 //! it to the fleet-wide counts in Redis, and write each key's new grant into the XDP maps.
 //!
-//! A grant is this gateway's share of the key's remaining fleet-wide budget, split over the
-//! CPUs in proportion to where the key's packets arrived during the tick. It is written as a
-//! ceiling on each CPU's `passed` counter and expires after a few ticks, so a gateway whose
-//! agent stops falls back to the rule's fallback limit instead of keeping a stale grant.
+//! For each key, the budget the fleet may still pass by the next tick is the limit minus the
+//! sliding-window estimate at that time, minus what the other gateways' outstanding grants
+//! (their leases) still allow. This gateway takes a share of it in proportion to its offered
+//! rate against the other gateways' recent rates, and records the grant as its own lease at
+//! once, so the gateways that tick after it do not hand out the same packets again. The
+//! grant is split over CPUs and written as a ceiling on each CPU's `passed` counter that
+//! expires after a few ticks, so a gateway whose agent stops falls back to the rule's
+//! fallback limit instead of keeping a stale grant.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -22,20 +27,16 @@ use tracing::{debug, warn};
 
 use crate::{
     datapath::Maps,
-    store::{FleetCounts, KeyDelta, MAX_KEYS_PER_CALL, Store, StoreError, SyncReply, bucket_of},
+    rules::pace_cap,
+    store::{FleetCounts, Group, KeyDelta, Lease, MAX_KEYS_PER_CALL, Store, StoreError, SyncReply, bucket_of},
 };
 
-/// Per-key memory of the agent between ticks.
+/// Per-key memory of the agent between ticks: each CPU's `passed` and `offered` counters as
+/// of the last successful sync.
 #[derive(Debug, Default)]
 struct KeyHistory {
-    /// Each CPU's `passed` and `offered` counters as of the last successful sync.
     passed: Vec<u64>,
     offered: Vec<u64>,
-    /// Packets this gateway offered for the key, counted in the server's windows exactly as
-    /// the fleet's offered count is: its demand, weighed against the fleet's to find its
-    /// share of the budget. Using the same windows makes the shares of all gateways add up
-    /// to one, and a lone gateway's share exactly one.
-    demand: SlidingWindow,
 }
 
 /// A key with new traffic this tick, waiting for its group's sync call.
@@ -47,7 +48,8 @@ struct PendingKey {
     offered_now: Vec<u64>,
     /// Per-CPU offered packets since the last sync.
     offered_delta: Vec<u64>,
-    delta: KeyDelta,
+    passed_total: u64,
+    offered_total: u64,
 }
 
 /// Figures from one tick, for logs and `limiter status`.
@@ -57,14 +59,47 @@ pub struct TickReport {
     pub keys_synced: usize,
     pub script_calls: usize,
     pub failed_calls: usize,
+    /// Groups whose leases could not be recorded; their grants still apply here.
+    pub failed_reservations: usize,
     pub grants_written: usize,
     /// First store error of the tick, if any call failed.
     pub first_error: Option<String>,
 }
 
+/// Timing of the tick that a grant must last until.
+#[derive(Clone, Copy, Debug)]
+pub struct TickTiming {
+    /// Microseconds the deltas were counted over.
+    pub span_us: u64,
+    /// Microseconds until the next tick.
+    pub interval_us: u64,
+}
+
+/// Returns the packets this gateway may pass for one key until its next tick.
+///
+/// The fleet's budget is the limit minus the estimate at the next tick, at most the pace cap,
+/// minus the other gateways' outstanding leases. Sizing it for the next tick rather than for
+/// now hands out the previous window's weight that expires during the coming tick, which
+/// would otherwise never be granted. The pace cap keeps a gateway that cannot see the others'
+/// demand yet, at a key's first tick, from taking a whole window's limit.
+pub fn gateway_budget(rule: &Rule, counts: &FleetCounts, reply: &SyncReply, timing: TickTiming, own_rate: u64) -> u64 {
+    let window_us = (rule.window_ns / 1000).max(1);
+    let fleet = SlidingWindow {
+        window_id: reply.window_id,
+        current: counts.current_passed,
+        previous: counts.previous_passed,
+    };
+    let next_tick_us = reply.now_us.saturating_add(timing.interval_us);
+    let estimate = fleet.estimate_at(next_tick_us, window_us);
+    let pace = pace_cap(rule.limit, rule.window_ns, Duration::from_micros(timing.interval_us));
+    let fleet_budget = window::remaining(rule.limit, estimate).min(pace).saturating_sub(counts.others_outstanding);
+    proportional_share(fleet_budget, own_rate, own_rate.saturating_add(counts.others_rate))
+}
+
 /// Reconciles this gateway's counts with the fleet's, one tick at a time.
 pub struct Reconciler {
     store: Store,
+    node_id: Arc<str>,
     histories: HashMap<FlowKey, KeyHistory>,
     /// How long a grant stays valid after it is written.
     grant_lifetime: Duration,
@@ -76,9 +111,10 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(store: Store, interval: Duration, grant_lifetime: Duration, cpus: usize) -> Self {
+    pub fn new(store: Store, node_id: &str, interval: Duration, grant_lifetime: Duration, cpus: usize) -> Self {
         Self {
             store,
+            node_id: Arc::from(node_id),
             histories: HashMap::new(),
             grant_lifetime,
             interval_us: interval.as_micros() as u64,
@@ -136,35 +172,50 @@ impl Reconciler {
             }
         }
 
-        // Step 3: one script call per group of at most MAX_KEYS_PER_CALL keys, all in flight
-        // together.
+        // Step 3: per group of at most MAX_KEYS_PER_CALL keys, all groups in flight together:
+        // sync, size the grants, and record them as leases right away.
         let mut calls = tokio::task::JoinSet::new();
         for ((rule_id, bucket), mut keys) in groups {
             while !keys.is_empty() {
                 let chunk: Vec<PendingKey> = keys.drain(..keys.len().min(MAX_KEYS_PER_CALL)).collect();
-                let rule = chunk[0].rule;
                 let store = self.store.clone();
-                let window_us = (rule.window_ns / 1000).max(1);
-                // Three windows: the current, the previous the estimate reads, and one spare.
-                let ttl_ms = (rule.window_ns / 1_000_000).saturating_mul(3).max(1);
+                let node_id = self.node_id.clone();
+                let interval_us = self.interval_us;
+                let rule = chunk[0].rule;
+                let cpus = self.cpus;
                 calls.spawn(async move {
-                    let deltas: Vec<KeyDelta> = chunk.iter().map(|pending| pending.delta.clone()).collect();
-                    let reply = store.sync(rule_id, bucket, window_us, ttl_ms, span_us.min(window_us), &deltas).await;
-                    (chunk, reply)
+                    let window_us = (rule.window_ns / 1000).max(1);
+                    let group = Group {
+                        rule_id,
+                        bucket,
+                        window_us,
+                        // Three windows: the current, the previous the estimate reads, and a spare.
+                        ttl_ms: (rule.window_ns / 1_000_000).saturating_mul(3).max(1),
+                        node_id: &node_id,
+                    };
+                    let timing = TickTiming { span_us: span_us.min(window_us), interval_us };
+                    let outcome = sync_group(&store, &group, timing, cpus, &chunk).await;
+                    (chunk, outcome)
                 });
                 report.script_calls += 1;
             }
         }
 
-        // Step 4: turn each reply into grants and move the baselines forward.
-        let mut replies = Vec::new();
+        // Step 4: write the grants and move the baselines forward.
+        let mut planned = Vec::new();
         while let Some(joined) = calls.join_next().await {
             match joined {
-                Ok((chunk, Ok(reply))) => replies.push((chunk, reply)),
+                Ok((chunk, Ok((shares, reservation)))) => {
+                    if let Err(error) = reservation {
+                        report.failed_reservations += 1;
+                        report.first_error.get_or_insert_with(|| error.to_string());
+                    }
+                    planned.push((chunk, shares));
+                }
                 Ok((chunk, Err(error))) => {
                     report.failed_calls += 1;
                     debug!(%error, keys = chunk.len(), rule = chunk[0].rule.id, "sync call failed");
-                    report.first_error.get_or_insert_with(|| describe_store_error(&error));
+                    report.first_error.get_or_insert_with(|| error.to_string());
                 }
                 Err(error) => {
                     report.failed_calls += 1;
@@ -174,9 +225,14 @@ impl Reconciler {
         }
         let expires_ns = now_local.saturating_add(self.grant_lifetime.as_nanos() as u64);
         let mut maps = lock(maps);
-        for (chunk, reply) in replies {
-            for (pending, counts) in chunk.into_iter().zip(reply.counts.iter()) {
-                let grants = self.grants_for(&pending, counts, &reply, span_us, expires_ns);
+        for (chunk, shares) in planned {
+            for (pending, shares) in chunk.into_iter().zip(shares) {
+                let grants: Vec<Grant> = pending
+                    .passed_now
+                    .iter()
+                    .zip(shares)
+                    .map(|(passed, share)| Grant { passed_ceiling: passed.saturating_add(share), expires_ns })
+                    .collect();
                 match PerCpuValues::try_from(grants) {
                     Ok(values) => match maps.grants.insert(pending.key, values, 0) {
                         Ok(()) => report.grants_written += 1,
@@ -198,74 +254,51 @@ impl Reconciler {
         let history = self.histories.entry(key).or_default();
         let passed_now: Vec<u64> = counters.iter().map(|counter| counter.passed).collect();
         let offered_now: Vec<u64> = counters.iter().map(|counter| counter.offered).collect();
-        let passed_delta = per_cpu_delta(&passed_now, &history.passed);
+        let passed_total = per_cpu_delta(&passed_now, &history.passed).iter().sum();
         let offered_delta = per_cpu_delta(&offered_now, &history.offered);
         let offered_total: u64 = offered_delta.iter().sum();
         if offered_total == 0 {
             return None;
         }
         let field = flow_key_field(&key);
-        let delta = KeyDelta { field: field.clone(), passed: passed_delta.iter().sum(), offered: offered_total };
-        Some(PendingKey { key, rule, field, passed_now, offered_now, offered_delta, delta })
+        Some(PendingKey { key, rule, field, passed_now, offered_now, offered_delta, passed_total, offered_total })
     }
 
-    /// Returns each CPU's grant for a key, given the fleet's counts.
-    fn grants_for(
-        &mut self,
-        pending: &PendingKey,
-        counts: &FleetCounts,
-        reply: &SyncReply,
-        span_us: u64,
-        expires_ns: u64,
-    ) -> Vec<Grant> {
-        let rule = &pending.rule;
+}
 
-        // The fleet's estimate, in the server's windows and microseconds.
-        let window_us = (rule.window_ns / 1000).max(1);
-        let elapsed_us = reply.now_us.saturating_sub(reply.window_id.saturating_mul(window_us));
-        let fleet_offered = SlidingWindow {
-            window_id: reply.window_id,
-            current: counts.current_offered,
-            previous: counts.previous_offered,
-        }
-        .estimate(elapsed_us, window_us);
-        // The grant is spent until the next tick, so it is the budget the window will have
-        // then. Granting only what is free now would never hand out the previous window's
-        // weight that expires during the last tick of each window.
-        let next_tick_us = reply.now_us.saturating_add(self.interval_us);
-        let fleet_passed_next_tick = SlidingWindow {
-            window_id: reply.window_id,
-            current: counts.current_passed,
-            previous: counts.previous_passed,
-        }
-        .estimate_at(next_tick_us, window_us);
-        let budget = window::remaining(rule.limit, fleet_passed_next_tick);
+/// Syncs one group, sizes each key's gateway budget and splits it over the CPUs, and records
+/// the budgets as leases. Returns each key's per-CPU shares, in the chunk's order, and the
+/// outcome of recording the leases.
+///
+/// A lease counts only the shares of CPUs that saw the key in the last tick. The reserve on
+/// idle CPUs is rarely spent, and counting it would make the other gateways hold back
+/// packets that nobody passes; when a key does move to an idle CPU, the fleet can pass up
+/// to that reserve more than the limit for one tick.
+async fn sync_group(
+    store: &Store,
+    group: &Group<'_>,
+    timing: TickTiming,
+    cpus: usize,
+    chunk: &[PendingKey],
+) -> Result<(Vec<Vec<u64>>, Result<(), StoreError>), StoreError> {
+    let deltas: Vec<KeyDelta> =
+        chunk.iter().map(|pending| KeyDelta { field: pending.field.clone(), passed: pending.passed_total }).collect();
+    let reply = store.sync(group, timing.span_us, &deltas).await?;
 
-        // This gateway's demand, in the same windows and with the same split as the fleet's.
-        let history = self.histories.entry(pending.key).or_default();
-        // The script received the span capped at one window; split with the same value.
-        let offered_before = window::part_before_window(pending.delta.offered, span_us.min(window_us), elapsed_us);
-        history.demand.advance(reply.window_id);
-        history.demand.previous = history.demand.previous.saturating_add(offered_before);
-        history.demand.current = history.demand.current.saturating_add(pending.delta.offered - offered_before);
-        let own_demand = history.demand.estimate(elapsed_us, window_us);
-
-        let gateway_budget = proportional_share(budget, own_demand, fleet_offered.max(own_demand));
-        let mut shares = vec![0u64; self.cpus];
-        split_by_demand(gateway_budget, &pending.offered_delta, &mut shares);
-
-        pending
-            .passed_now
-            .iter()
-            .zip(shares)
-            .map(|(passed, share)| Grant { passed_ceiling: passed.saturating_add(share), expires_ns })
-            .collect()
+    let mut all_shares = Vec::with_capacity(chunk.len());
+    let mut leases = Vec::with_capacity(chunk.len());
+    for (pending, counts) in chunk.iter().zip(&reply.counts) {
+        let own_rate = pending.offered_total.saturating_mul(1_000_000) / timing.span_us.max(1);
+        let budget = gateway_budget(&pending.rule, counts, &reply, timing, own_rate);
+        let mut shares = vec![0u64; cpus];
+        split_by_demand(budget, &pending.offered_delta, &mut shares);
+        let leased: u64 =
+            shares.iter().zip(&pending.offered_delta).filter(|(_, demand)| **demand > 0).map(|(share, _)| share).sum();
+        leases.push(Lease { field: pending.field.clone(), grant: leased, rate: own_rate });
+        all_shares.push(shares);
     }
-
-    /// Drops the agent's memory of every key of `rule_id`, after the rule is removed.
-    pub fn forget_rule(&mut self, rule_id: u32) {
-        self.histories.retain(|key, _| key.rule_id != rule_id);
-    }
+    let reservation = store.reserve(group, timing.interval_us, &leases).await;
+    Ok((all_shares, reservation))
 }
 
 fn lock(maps: &std::sync::Mutex<Maps>) -> std::sync::MutexGuard<'_, Maps> {
@@ -322,10 +355,6 @@ pub fn flow_key_addr(key: &FlowKey) -> IpAddr {
     }
 }
 
-fn describe_store_error(error: &StoreError) -> String {
-    error.to_string()
-}
-
 /// Returns `CLOCK_MONOTONIC` in nanoseconds, the clock `bpf_ktime_get_coarse_ns` follows.
 pub fn monotonic_ns() -> u64 {
     let mut time = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -338,6 +367,52 @@ pub fn monotonic_ns() -> u64 {
 mod tests {
     use super::*;
     use limiter_common::FAMILY_IPV6;
+
+    fn rule(limit: u64) -> Rule {
+        Rule { id: 1, limit, fallback_limit: limit, window_ns: 1_000_000_000, ..Default::default() }
+    }
+
+    fn reply_at(now_us: u64) -> SyncReply {
+        SyncReply { now_us, window_id: now_us / 1_000_000, counts: vec![] }
+    }
+
+    const TIMING: TickTiming = TickTiming { span_us: 100_000, interval_us: 100_000 };
+
+    #[test]
+    fn gateway_budget_counts_decay_until_next_tick() {
+        // 0.5 s into window 10: previous 600 weighs 300 now and 240 at the next tick (239
+        // after the fixed-point weight rounds down), so 1000 - 239 - 700 = 61 is free by then.
+        let counts = FleetCounts { current_passed: 700, previous_passed: 600, ..Default::default() };
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 61);
+    }
+
+    #[test]
+    fn gateway_budget_subtracts_other_leases() {
+        let counts = FleetCounts { current_passed: 700, previous_passed: 600, others_outstanding: 60, others_rate: 0 };
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 1);
+    }
+
+    #[test]
+    fn gateway_budget_shares_by_rate() {
+        // 61 free, this gateway offers 300/s of the fleet's 300 + 900: 15.25, rounded down.
+        let counts = FleetCounts { current_passed: 700, previous_passed: 600, others_outstanding: 0, others_rate: 900 };
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 300), 15);
+    }
+
+    #[test]
+    fn gateway_budget_is_paced() {
+        // A fresh key has the whole limit free, but one tick grants at most two ticks' worth.
+        let counts = FleetCounts::default();
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 200);
+    }
+
+    #[test]
+    fn gateway_budget_is_zero_over_limit() {
+        let counts = FleetCounts { current_passed: 1500, previous_passed: 0, others_outstanding: 0, others_rate: 0 };
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 0);
+        let counts = FleetCounts { current_passed: 900, previous_passed: 0, others_outstanding: 500, others_rate: 0 };
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 0);
+    }
 
     #[test]
     fn per_cpu_delta_handles_recreated_entries() {

@@ -8,7 +8,7 @@ use limiter_common::{FlowKey, MAX_RULES, Rule, RuleMatch};
 use crate::{
     control::RuleView,
     datapath::Maps,
-    rules::{RuleSpec, fallback_limit},
+    rules::RuleSpec,
 };
 
 /// Rules by the traffic they select, mirrored in the `RULES` map.
@@ -17,6 +17,8 @@ pub struct RuleTable {
     rules: BTreeMap<RuleMatch, Rule>,
     /// Gateways last seen alive, which sets each rule's fallback limit.
     gateways: u64,
+    /// The agent's sync interval, which paces new keys; `None` without an agent.
+    sync_interval: Option<std::time::Duration>,
 }
 
 impl RuleTable {
@@ -27,7 +29,12 @@ impl RuleTable {
             let (rule_match, rule) = entry.context("failed to read the RULES map")?;
             rules.insert(rule_match, rule);
         }
-        Ok(Self { rules, gateways: 1 })
+        Ok(Self { rules, gateways: 1, sync_interval: None })
+    }
+
+    /// Makes new and updated rules pace new keys for an agent syncing every `interval`.
+    pub fn set_sync_interval(&mut self, interval: std::time::Duration) {
+        self.sync_interval = Some(interval);
     }
 
     /// Adds a rule, or changes the limit of the rule that selects the same traffic. A changed
@@ -44,7 +51,7 @@ impl RuleTable {
                 self.next_id()
             }
         };
-        let rule = spec.to_rule(id, self.gateways);
+        let rule = spec.to_rule(id, self.gateways, self.sync_interval);
         maps.rules.insert(rule_match, rule, 0).context("failed to write the RULES map")?;
         self.rules.insert(rule_match, rule);
         Ok(view(&rule_match, &rule))
@@ -67,13 +74,13 @@ impl RuleTable {
         Ok(())
     }
 
-    /// Updates every rule's fallback limit for `gateways` gateways.
+    /// Updates every rule's fallback and new-key limits for `gateways` gateways.
     pub fn set_gateways(&mut self, gateways: u64, maps: &mut Maps) -> anyhow::Result<()> {
         self.gateways = gateways.max(1);
         for (rule_match, rule) in self.rules.iter_mut() {
-            let fallback = fallback_limit(rule.limit, self.gateways);
-            if rule.fallback_limit != fallback {
-                rule.fallback_limit = fallback;
+            let updated = RuleSpec::from_rule(rule_match, rule).to_rule(rule.id, self.gateways, self.sync_interval);
+            if updated != *rule {
+                *rule = updated;
                 maps.rules.insert(*rule_match, *rule, 0).context("failed to write the RULES map")?;
             }
         }

@@ -15,6 +15,7 @@ pub const BUCKETS: u32 = 64;
 pub const MAX_KEYS_PER_CALL: usize = 512;
 
 const SYNC_SCRIPT: &str = include_str!("../../lua/sync.lua");
+const RESERVE_SCRIPT: &str = include_str!("../../lua/reserve.lua");
 const HEARTBEAT_SCRIPT: &str = include_str!("../../lua/heartbeat.lua");
 
 /// Redis key of the sorted set of live gateways.
@@ -37,16 +38,27 @@ pub struct KeyDelta {
     /// The key as stored in Redis, such as `198.51.100.7/32` or `2001:db8::/64:53`.
     pub field: String,
     pub passed: u64,
-    pub offered: u64,
 }
 
-/// Fleet-wide counts of one key in the current and previous window.
+/// The fleet's view of one key, as sync.lua returns it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FleetCounts {
+    /// Packets the fleet passed in the current and the previous window.
     pub current_passed: u64,
     pub previous_passed: u64,
-    pub current_offered: u64,
-    pub previous_offered: u64,
+    /// What the other gateways' grants still allow them to pass.
+    pub others_outstanding: u64,
+    /// Offered packets per second the other gateways reported recently.
+    pub others_rate: u64,
+}
+
+/// A grant this gateway made for one key, recorded as a lease by reserve.lua.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub field: String,
+    pub grant: u64,
+    /// Offered packets per second this gateway saw for the key in the last tick.
+    pub rate: u64,
 }
 
 /// Reply of one sync call: the server's clock and the counts of each key, in request order.
@@ -57,9 +69,11 @@ pub struct SyncReply {
     pub counts: Vec<FleetCounts>,
 }
 
-/// Returns the two Redis keys of a (rule, bucket) group: even and odd windows.
-pub fn group_keys(rule_id: u32, bucket: u32) -> [String; 2] {
-    [format!("limiter:{{r{rule_id}b{bucket}}}:even"), format!("limiter:{{r{rule_id}b{bucket}}}:odd")]
+/// Returns the Redis keys of a (rule, bucket) group: the even and odd window hashes and the
+/// leases hash, all with the group's hash tag.
+pub fn group_keys(rule_id: u32, bucket: u32) -> [String; 3] {
+    let tag = format!("limiter:{{r{rule_id}b{bucket}}}");
+    [format!("{tag}:even"), format!("{tag}:odd"), format!("{tag}:leases")]
 }
 
 /// Returns the bucket of a flow key's Redis field: FNV-1a, stable across builds and hosts,
@@ -73,11 +87,23 @@ pub fn bucket_of(field: &str) -> u32 {
     hash % BUCKETS
 }
 
+/// One (rule, bucket) group of keys and what both scripts need to know about it.
+#[derive(Clone, Copy, Debug)]
+pub struct Group<'a> {
+    pub rule_id: u32,
+    pub bucket: u32,
+    pub window_us: u64,
+    /// Time to live of the group's hashes: a few windows.
+    pub ttl_ms: u64,
+    pub node_id: &'a str,
+}
+
 /// A connection to Redis with the scripts loaded on demand.
 #[derive(Clone)]
 pub struct Store {
     connection: ConnectionManager,
     sync_script: Script,
+    reserve_script: Script,
     heartbeat_script: Script,
     timeout: Duration,
 }
@@ -97,36 +123,46 @@ impl Store {
         Ok(Self {
             connection,
             sync_script: Script::new(SYNC_SCRIPT),
+            reserve_script: Script::new(RESERVE_SCRIPT),
             heartbeat_script: Script::new(HEARTBEAT_SCRIPT),
             timeout,
         })
     }
 
     /// Adds `deltas` of one (rule, bucket) group, counted over the last `span_us`, and
-    /// returns the fleet-wide counts.
+    /// returns the fleet's counts and the other gateways' leases.
     ///
     /// `Script::invoke_async` sends EVALSHA and, on NOSCRIPT, loads the script and retries once.
-    pub async fn sync(
-        &self,
-        rule_id: u32,
-        bucket: u32,
-        window_us: u64,
-        ttl_ms: u64,
-        span_us: u64,
-        deltas: &[KeyDelta],
-    ) -> Result<SyncReply, StoreError> {
-        let [even, odd] = group_keys(rule_id, bucket);
+    pub async fn sync(&self, group: &Group<'_>, span_us: u64, deltas: &[KeyDelta]) -> Result<SyncReply, StoreError> {
+        let [even, odd, leases] = group_keys(group.rule_id, group.bucket);
         let mut invocation = self.sync_script.key(even);
-        invocation.key(odd).arg(window_us).arg(ttl_ms).arg(span_us.max(1));
+        invocation.key(odd).key(leases).arg(group.window_us).arg(group.ttl_ms).arg(span_us.max(1)).arg(group.node_id);
         for delta in deltas {
-            invocation.arg(&delta.field).arg(delta.passed).arg(delta.offered);
+            invocation.arg(&delta.field).arg(delta.passed);
         }
-
         let mut connection = self.connection.clone();
         let reply: Vec<i64> = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
             .await
             .map_err(|_| StoreError::Timeout(self.timeout))??;
         parse_sync_reply(&reply, deltas.len())
+    }
+
+    /// Records this gateway's new grants of one group as leases.
+    pub async fn reserve(&self, group: &Group<'_>, interval_us: u64, leases: &[Lease]) -> Result<(), StoreError> {
+        let [_, _, leases_key] = group_keys(group.rule_id, group.bucket);
+        let mut invocation = self.reserve_script.key(leases_key);
+        invocation.arg(group.node_id).arg(interval_us.max(1)).arg(group.ttl_ms);
+        for lease in leases {
+            invocation.arg(&lease.field).arg(lease.grant).arg(lease.rate);
+        }
+        let mut connection = self.connection.clone();
+        let written: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))??;
+        if written != leases.len() as i64 {
+            return Err(StoreError::Reply(format!("reserve wrote {written} leases, expected {}", leases.len())));
+        }
+        Ok(())
     }
 
     /// Records this gateway as alive and returns the number of gateways alive.
@@ -162,8 +198,8 @@ pub fn parse_sync_reply(reply: &[i64], keys: usize) -> Result<SyncReply, StoreEr
             Ok(FleetCounts {
                 current_passed: non_negative(chunk[0], "count")?,
                 previous_passed: non_negative(chunk[1], "count")?,
-                current_offered: non_negative(chunk[2], "count")?,
-                previous_offered: non_negative(chunk[3], "count")?,
+                others_outstanding: non_negative(chunk[2], "outstanding grant")?,
+                others_rate: non_negative(chunk[3], "rate")?,
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
@@ -176,9 +212,10 @@ mod tests {
 
     #[test]
     fn group_keys_share_hash_tag() {
-        let [even, odd] = group_keys(3, 17);
+        let [even, odd, leases] = group_keys(3, 17);
         assert_eq!(even, "limiter:{r3b17}:even");
         assert_eq!(odd, "limiter:{r3b17}:odd");
+        assert_eq!(leases, "limiter:{r3b17}:leases");
     }
 
     #[test]
@@ -197,7 +234,7 @@ mod tests {
         assert_eq!(reply.window_id, 5);
         assert_eq!(
             reply.counts,
-            vec![FleetCounts { current_passed: 10, previous_passed: 20, current_offered: 30, previous_offered: 40 }]
+            vec![FleetCounts { current_passed: 10, previous_passed: 20, others_outstanding: 30, others_rate: 40 }]
         );
     }
 

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod fleet;
 pub mod test_run;
 pub mod traffic;
 

@@ -58,6 +58,8 @@ impl TrafficReport {
 pub struct Received {
     pub per_second: HashMap<Ipv4Addr, Vec<u64>>,
     pub total: HashMap<Ipv4Addr, u64>,
+    /// Every arrival within the run: source and time since the start.
+    pub arrivals: Vec<(Ipv4Addr, Duration)>,
 }
 
 /// Counts UDP packets arriving at `bind`, per source and per second since `start`.
@@ -80,9 +82,11 @@ impl Receiver {
                 let Ok((_, from)) = socket.recv_from(&mut buffer) else { continue };
                 let SocketAddr::V4(from) = from else { continue };
                 *received.total.entry(*from.ip()).or_default() += 1;
-                let second = start.elapsed().as_secs() as usize;
+                let elapsed = Instant::now().saturating_duration_since(start);
+                let second = elapsed.as_secs() as usize;
                 if second < seconds {
                     received.per_second.entry(*from.ip()).or_insert_with(|| vec![0; seconds])[second] += 1;
+                    received.arrivals.push((*from.ip(), elapsed));
                 }
             }
             received
@@ -147,7 +151,7 @@ pub fn run_traffic(netns: &str, sources: &[Source], destination: SocketAddrV4, d
     report
 }
 
-fn enter_netns(path: &str) {
+pub fn enter_netns(path: &str) {
     let file = File::open(path).unwrap_or_else(|error| panic!("failed to open {path}: {error}"));
     // SAFETY: setns(2) on a namespace file descriptor that stays open for the call; it moves
     // only the calling thread.
@@ -155,7 +159,7 @@ fn enter_netns(path: &str) {
     assert_eq!(result, 0, "setns({path}) failed: {}", std::io::Error::last_os_error());
 }
 
-fn pin_to_cpu(cpu: usize) {
+pub fn pin_to_cpu(cpu: usize) {
     // SAFETY: `cpu_set_t` is plain data; CPU_SET writes inside it; sched_setaffinity(0, ...)
     // applies to the calling thread only.
     unsafe {

@@ -12,6 +12,7 @@ use std::{
 
 use aya::{Ebpf, maps::PerCpuValues};
 use limiter_common::{
+    AgentHeartbeat,
     FAMILY_IPV4, FAMILY_IPV6, FlowKey, Grant, IPPROTO_TCP, IPPROTO_UDP, KeyCounter, MAX_WINDOW_NS, REASON_COUNT,
     Reason, Rule, RuleMatch,
 };
@@ -154,6 +155,8 @@ fn rule(id: u32, fallback_limit: u64) -> Rule {
         _padding: 0,
         limit: HIGH_LIMIT,
         fallback_limit,
+        // Applies only while the agent's heartbeat is fresh, which these tests set themselves.
+        new_key_limit: fallback_limit,
         // The maximum window, so that a burst almost never straddles two windows.
         window_ns: MAX_WINDOW_NS,
     }
@@ -717,6 +720,29 @@ fn fallback_limit_passes_exactly_n() {
     );
     let key = expected_ipv4_key(RULE_ID, SRC4, 32, 0);
     assert_eq!(datapath.totals(&key), (FALLBACK_LIMIT + 5, FALLBACK_LIMIT));
+}
+
+#[test]
+fn new_key_limit_applies_while_agent_grants() {
+    const FALLBACK_LIMIT: u64 = 10;
+    const NEW_KEY_LIMIT: u64 = 3;
+    pin_to_current_cpu();
+    let mut datapath = Datapath::load();
+    datapath.add_rule(RuleMatch::new(IPPROTO_UDP, 0), Rule { new_key_limit: NEW_KEY_LIMIT, ..rule(RULE_ID, FALLBACK_LIMIT) });
+    let first = dns_over_ipv4().build();
+    let second = Frame::ipv4(Ipv4Addr::new(198, 51, 100, 78), DST4).udp(SRC_PORT, DNS_PORT).build();
+    wait_for_window_room(MAX_WINDOW_NS, Duration::from_secs(5));
+
+    // With the agent's heartbeat fresh, a key never granted passes the new-key limit.
+    let heartbeat = AgentHeartbeat { granting_until_ns: limiter_user::reconcile::monotonic_ns() + 60_000_000_000 };
+    datapath.maps.agent.set(0, heartbeat, 0).expect("write AGENT");
+    let paced = (0..FALLBACK_LIMIT).filter(|_| datapath.run(&first) == XDP_PASS).count();
+    assert_eq!(paced, NEW_KEY_LIMIT as usize);
+
+    // With the heartbeat stale, the agent is gone and a new key gets the fallback limit.
+    datapath.maps.agent.set(0, AgentHeartbeat { granting_until_ns: 0 }, 0).expect("write AGENT");
+    let unpaced = (0..FALLBACK_LIMIT + 2).filter(|_| datapath.run(&second) == XDP_PASS).count();
+    assert_eq!(unpaced, FALLBACK_LIMIT as usize);
 }
 
 #[test]

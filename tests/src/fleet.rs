@@ -1,0 +1,154 @@
+//! A fleet of gateways for accuracy tests: each gateway is a veth pair with its own agent,
+//! and one source address sends through every gateway from a namespace per gateway, so all
+//! gateways count the same key. The agents share one redis-server.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Agent, Netns, RedisServer, VethPair, free_port, subnet_addr, unique_name, unique_subnet,
+    traffic::{Receiver, Received, enter_netns, pin_to_cpu, stop_requested},
+};
+
+/// Gateways, agents and the redis-server they share; everything is removed on drop.
+pub struct Fleet {
+    pub source_addr: Ipv4Addr,
+    pub gateway_addrs: Vec<Ipv4Addr>,
+    // Dropped in declaration order: agents first, then interfaces and namespaces.
+    pub agents: Vec<Agent>,
+    pub veths: Vec<VethPair>,
+    pub namespaces: Vec<Netns>,
+    pub redis: RedisServer,
+}
+
+impl Fleet {
+    /// Starts `gateways` gateways with agents ticking every `sync_interval`.
+    pub fn start(gateways: usize, sync_interval: &str) -> Self {
+        let redis = RedisServer::start();
+        let subnet = unique_subnet();
+        let source_addr = subnet_addr(subnet, 200);
+        let gateway_addrs: Vec<Ipv4Addr> = (0..gateways).map(|index| subnet_addr(subnet, 1 + index as u8)).collect();
+        let namespaces: Vec<Netns> = (0..gateways).map(|_| Netns::new()).collect();
+        let veths: Vec<VethPair> =
+            namespaces.iter().zip(&gateway_addrs).map(|(netns, addr)| VethPair::new(netns, *addr, &[source_addr])).collect();
+        let agents: Vec<Agent> = veths
+            .iter()
+            .enumerate()
+            .map(|(index, veth)| {
+                let node_id = format!("gw{index}-{}", unique_name("n"));
+                Agent::start(&veth.host, &redis.url(), &node_id, &["--sync-interval", sync_interval])
+            })
+            .collect();
+        Self { source_addr, gateway_addrs, agents, veths, namespaces, redis }
+    }
+
+    /// Adds the same rule on every gateway through its agent.
+    pub fn add_limit(&self, args: &[&str]) {
+        for veth in &self.veths {
+            let mut command = vec!["limit", "add", "--iface", veth.host.as_str()];
+            command.extend_from_slice(args);
+            Agent::cli(&command);
+        }
+    }
+
+    /// Sends from the source through each gateway at the rates `schedule` gives over time,
+    /// for `duration`, and returns what each gateway's receiver counted.
+    pub fn run(&self, schedule: &Schedule, duration: Duration) -> Vec<Received> {
+        let port = free_port();
+        let start = Instant::now() + Duration::from_millis(200);
+        let seconds = duration.as_secs() as usize;
+        let receivers: Vec<Receiver> = self
+            .gateway_addrs
+            .iter()
+            .map(|addr| Receiver::start(SocketAddrV4::new(*addr, port), start, seconds))
+            .collect();
+        let senders: Vec<_> = (0..self.gateway_addrs.len())
+            .map(|gateway| {
+                let netns_path = format!("/var/run/netns/{}", self.namespaces[gateway].name);
+                let source = self.source_addr;
+                let destination = SocketAddrV4::new(self.gateway_addrs[gateway], port);
+                let steps: Vec<(Duration, u64)> =
+                    schedule.steps.iter().map(|(at, rates)| (*at, rates[gateway])).collect();
+                // Two CPUs on the test machine: spread the senders over both.
+                let cpu = gateway % 2;
+                thread::spawn(move || send_scheduled(&netns_path, source, cpu, destination, &steps, start, duration))
+            })
+            .collect();
+        for sender in senders {
+            sender.join().expect("sender thread panicked");
+        }
+        thread::sleep(Duration::from_millis(200));
+        receivers.into_iter().map(Receiver::finish).collect()
+    }
+}
+
+/// Packets per second per gateway, changing at given times since the start.
+pub struct Schedule {
+    /// (time since start, rate per gateway), in order of time; the first entry is at zero.
+    pub steps: Vec<(Duration, Vec<u64>)>,
+}
+
+/// Sends from `source` at a piecewise-constant rate: the packets due by now are the integral
+/// of the schedule's rate up to now.
+fn send_scheduled(
+    netns_path: &str,
+    source: Ipv4Addr,
+    cpu: usize,
+    destination: SocketAddrV4,
+    steps: &[(Duration, u64)],
+    start: Instant,
+    duration: Duration,
+) {
+    enter_netns(netns_path);
+    pin_to_cpu(cpu);
+    let socket = std::net::UdpSocket::bind(SocketAddrV4::new(source, 0))
+        .unwrap_or_else(|error| panic!("failed to bind sender on {source}: {error}"));
+    let payload = [0x5au8; 64];
+    let due_by = |elapsed: Duration| -> u64 {
+        let mut due = 0.0;
+        for (index, (at, rate)) in steps.iter().enumerate() {
+            let until = steps.get(index + 1).map_or(elapsed, |(next, _)| (*next).min(elapsed));
+            if until > *at {
+                due += (until - *at).as_secs_f64() * *rate as f64;
+            }
+        }
+        due as u64
+    };
+    while Instant::now() < start {
+        thread::sleep(Duration::from_micros(200));
+    }
+    let mut sent = 0u64;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration || stop_requested() {
+            return;
+        }
+        let due = due_by(elapsed);
+        while sent < due {
+            let _ = socket.send_to(&payload, destination);
+            sent += 1;
+        }
+        thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Returns the fleet total per bucket of `bucket` length, from every receiver's arrivals of
+/// `source`.
+pub fn fleet_totals(received: &[Received], source: Ipv4Addr, bucket: Duration, buckets: usize) -> Vec<u64> {
+    let mut totals = vec![0u64; buckets];
+    for receiver in received {
+        for (addr, at) in &receiver.arrivals {
+            if *addr != source {
+                continue;
+            }
+            let index = (at.as_secs_f64() / bucket.as_secs_f64()) as usize;
+            if index < buckets {
+                totals[index] += 1;
+            }
+        }
+    }
+    totals
+}
