@@ -53,8 +53,13 @@ pub struct RuleView {
     pub id: u32,
     #[serde(flatten)]
     pub spec: RuleSpec,
-    /// Limit this gateway enforces alone while it holds no grant.
+    /// Limit this gateway enforces alone while it has no grant.
     pub fallback_limit: u64,
+    /// Gateways seen alive when the view was made.
+    pub gateways: u64,
+    /// Estimated packets per window the fleet can pass over the limit in steady traffic,
+    /// from the gateways seen and the sync interval; see `rules::max_over_admission`.
+    pub max_over_admission: u64,
 }
 
 /// What `limiter status` reports about a running agent.

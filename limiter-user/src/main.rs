@@ -315,11 +315,11 @@ fn expect_ok(response: Response) -> anyhow::Result<Response> {
 }
 
 fn format_rules(rules: &[RuleView]) -> String {
-    let mut table = format!("{:>4}  {:<16} {:>12} {:>8} {:>7} {:>7} {:>8} {:>9}\n", "id", "traffic", "rate", "window",
-        "ipv4", "ipv6", "per-port", "fallback");
+    let mut table = format!("{:>4}  {:<16} {:>12} {:>8} {:>7} {:>7} {:>8} {:>9} {:>8} {:>10}\n", "id", "traffic", "rate",
+        "window", "ipv4", "ipv6", "per-port", "fallback", "gateways", "max-over");
     for rule in rules {
         table += &format!(
-            "{:>4}  {:<16} {:>12} {:>8} {:>7} {:>7} {:>8} {:>9}\n",
+            "{:>4}  {:<16} {:>12} {:>8} {:>7} {:>7} {:>8} {:>9} {:>8} {:>10}\n",
             rule.id,
             rule.spec.describe_match(),
             rule.spec.rate,
@@ -328,6 +328,8 @@ fn format_rules(rules: &[RuleView]) -> String {
             format!("/{}", rule.spec.ipv6_prefix_len),
             if rule.spec.per_port { "yes" } else { "no" },
             rule.fallback_limit,
+            rule.gateways,
+            rule.max_over_admission,
         );
     }
     table

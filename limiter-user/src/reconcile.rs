@@ -105,7 +105,7 @@ pub struct Reconciler {
     grant_lifetime: Duration,
     /// Sync interval in microseconds: how long a grant must last until the next tick.
     interval_us: u64,
-    /// When the previous tick read the counters, so the script knows the span of the deltas.
+    /// Time the previous tick read the counters, from which the script gets the span of the deltas.
     last_read_ns: Option<u64>,
     cpus: usize,
 }
@@ -142,7 +142,7 @@ impl Reconciler {
         report.keys_tracked = snapshot.len();
         let now_local = monotonic_ns();
         // The deltas of a key new since the last tick span less than this, and those after a
-        // failed call more; the split across a window boundary is an estimate either way.
+        // failed call span more. The split across a window boundary is an estimate either way.
         let span_us = match self.last_read_ns.replace(now_local) {
             Some(last) => now_local.saturating_sub(last) / 1000,
             None => self.interval_us,
@@ -272,8 +272,8 @@ impl Reconciler {
 ///
 /// A lease counts only the shares of CPUs that saw the key in the last tick. The reserve on
 /// idle CPUs is rarely spent, and counting it would make the other gateways hold back
-/// packets that nobody passes; when a key does move to an idle CPU, the fleet can pass up
-/// to that reserve more than the limit for one tick.
+/// packets that no gateway passes. When a key does move to an idle CPU, the fleet can pass
+/// up to that reserve more than the limit for one tick.
 async fn sync_group(
     store: &Store,
     group: &Group<'_>,
@@ -309,8 +309,8 @@ fn lock(maps: &std::sync::Mutex<Maps>) -> std::sync::MutexGuard<'_, Maps> {
 
 fn read_counters(maps: &std::sync::Mutex<Maps>) -> anyhow::Result<Vec<(FlowKey, PerCpuValues<KeyCounter>)>> {
     let maps = lock(maps);
-    // TODO: iterating key by key costs two syscalls per key; batched lookups would cut the
-    // tick at 100k keys and more, which aya 0.14 does not offer for per-CPU hash maps.
+    // TODO: iterating key by key costs two syscalls per key. Batched lookups would cut the
+    // tick at 100k keys and more, but aya 0.14 does not offer them for per-CPU hash maps.
     let mut snapshot = Vec::new();
     for entry in maps.counters.iter() {
         match entry {

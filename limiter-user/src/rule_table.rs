@@ -8,7 +8,7 @@ use limiter_common::{FlowKey, MAX_RULES, Rule, RuleMatch};
 use crate::{
     control::RuleView,
     datapath::Maps,
-    rules::RuleSpec,
+    rules::{RuleSpec, max_over_admission},
 };
 
 /// Rules by the traffic they select, mirrored in the `RULES` map.
@@ -54,7 +54,7 @@ impl RuleTable {
         let rule = spec.to_rule(id, self.gateways, self.sync_interval);
         maps.rules.insert(rule_match, rule, 0).context("failed to write the RULES map")?;
         self.rules.insert(rule_match, rule);
-        Ok(view(&rule_match, &rule))
+        Ok(self.view(&rule_match, &rule))
     }
 
     /// Removes rule `id` with the counters and grants of its keys.
@@ -92,7 +92,7 @@ impl RuleTable {
     }
 
     pub fn views(&self) -> Vec<RuleView> {
-        let mut views: Vec<RuleView> = self.rules.iter().map(|(m, rule)| view(m, rule)).collect();
+        let mut views: Vec<RuleView> = self.rules.iter().map(|(m, rule)| self.view(m, rule)).collect();
         views.sort_by_key(|view| view.id);
         views
     }
@@ -106,6 +106,14 @@ impl RuleTable {
     }
 }
 
-fn view(rule_match: &RuleMatch, rule: &Rule) -> RuleView {
-    RuleView { id: rule.id, spec: RuleSpec::from_rule(rule_match, rule), fallback_limit: rule.fallback_limit }
+impl RuleTable {
+    fn view(&self, rule_match: &RuleMatch, rule: &Rule) -> RuleView {
+        RuleView {
+            id: rule.id,
+            spec: RuleSpec::from_rule(rule_match, rule),
+            fallback_limit: rule.fallback_limit,
+            gateways: self.gateways,
+            max_over_admission: max_over_admission(rule.limit, rule.window_ns, self.sync_interval, self.gateways),
+        }
+    }
 }

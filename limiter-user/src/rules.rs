@@ -232,7 +232,7 @@ impl RuleSpec {
     }
 }
 
-/// Returns the limit each of `gateways` gateways enforces on its own while it holds no grant.
+/// Returns the limit each of `gateways` gateways enforces on its own while it has no grant.
 ///
 /// Rounded up, so a small limit never becomes 0; the fleet may then pass up to
 /// `gateways - 1` packets more than the limit per window while the store is unreachable.
@@ -254,6 +254,21 @@ pub fn pace_cap(limit: u64, window_ns: u64, interval: std::time::Duration) -> u6
     let cap = u128::from(limit) * u128::from(interval_ns) * u128::from(PACE.0);
     let cap = cap.div_ceil(u128::from(window_ns.max(1)) * u128::from(PACE.1));
     u64::try_from(cap).unwrap_or(u64::MAX).clamp(1, limit.max(1))
+}
+
+/// Returns the estimated most packets per window that `gateways` gateways syncing every
+/// `interval` can pass over `limit`, once a key is past its first window.
+///
+/// Each tick the fleet grants at most the pace cap. A gateway counts the others' grants as
+/// leases assumed spent evenly over their tick, so what another gateway already spent but
+/// has not reported yet is counted short by up to its whole grant, until its next report
+/// corrects the estimate. Over a tick, that is at most the others' part of the pace cap. A
+/// single gateway has no one else to miss, and so no over-admission.
+pub fn max_over_admission(limit: u64, window_ns: u64, interval: Option<std::time::Duration>, gateways: u64) -> u64 {
+    let Some(interval) = interval else { return 0 };
+    let gateways = gateways.max(1);
+    let cap = u128::from(pace_cap(limit, window_ns, interval));
+    (cap * u128::from(gateways - 1)).div_ceil(u128::from(gateways)) as u64
 }
 
 /// Returns the limit a key never granted yet has on each CPU of one of `gateways` gateways:
@@ -369,6 +384,16 @@ mod tests {
         assert_eq!(pace_cap(100, second, std::time::Duration::from_secs(5)), 100);
         // (2^64 - 1) / 5 is exact, so rounding up adds nothing.
         assert_eq!(pace_cap(u64::MAX, second, tick), u64::MAX / 5);
+    }
+
+    #[test]
+    fn max_over_admission_grows_with_gateways() {
+        let second = 1_000_000_000;
+        let tick = Some(std::time::Duration::from_millis(100));
+        assert_eq!(max_over_admission(1000, second, tick, 1), 0);
+        assert_eq!(max_over_admission(1000, second, tick, 2), 100);
+        assert_eq!(max_over_admission(1000, second, tick, 3), 134);
+        assert_eq!(max_over_admission(1000, second, None, 3), 0);
     }
 
     #[test]

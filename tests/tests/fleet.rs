@@ -11,7 +11,10 @@
 
 use std::time::Duration;
 
-use limiter_tests::fleet::{Fleet, Schedule, fleet_totals};
+use limiter_tests::{
+    Agent,
+    fleet::{Fleet, Schedule, fleet_totals},
+};
 
 const SECOND: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(100);
@@ -20,6 +23,17 @@ const TICK: Duration = Duration::from_millis(100);
 fn three_gateways_hold_limit_as_traffic_moves() {
     let fleet = Fleet::start(3, "100ms");
     fleet.add_limit(&["--rate", "1000/s", "--proto", "udp"]);
+
+    // `limit list` shows the bound for the gateways seen: the others' part of the pace cap,
+    // 2/3 of two 100 ms ticks of 1000/s, rounded up.
+    let iface = fleet.veths[0].host.clone();
+    let mut listed = serde_json::Value::Null;
+    limiter_tests::wait_until("the agent to see three gateways", Duration::from_secs(5), || {
+        let output = Agent::cli(&["limit", "list", "--iface", &iface, "--json"]);
+        listed = serde_json::from_str(&output).expect("limit list --json prints JSON");
+        listed[0]["gateways"] == 3
+    });
+    assert_eq!(listed[0]["max_over_admission"], 134, "limit list: {listed}");
 
     // 10x the limit, split 60/30/10 for 10 s, then all of it through the gateway that had 10%.
     let schedule = Schedule {
