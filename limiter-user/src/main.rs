@@ -152,7 +152,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let cli = Cli::parse();
+    // Errors fit on one line: clap's hint to try --help follows a blank line and is dropped.
+    // Help and version output go to standard output unchanged.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if error.use_stderr() => {
+            let message = error.to_string();
+            eprintln!("{}", message.lines().next().unwrap_or("error: invalid arguments"));
+            return ExitCode::from(2);
+        }
+        Err(error) => error.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
