@@ -38,9 +38,9 @@ const LINK_PIN: &str = "link";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
-    /// Native (driver) mode, falling back to skb mode if the driver refuses it.
+    /// Native (driver) mode, falling back to skb mode if the driver rejects it.
     Auto,
-    /// Native mode only; fail if the driver refuses it.
+    /// Native mode only; fail if the driver rejects it.
     Native,
     /// Generic skb mode, which works on every interface but runs after the kernel has
     /// allocated a socket buffer.
@@ -249,7 +249,7 @@ impl Maps {
         let dir = pin_dir(iface);
         if !dir.join(map_names::RULES).exists() {
             bail!(
-                "no limiter is attached to {iface} ({} has no pinned maps): start `limiter agent --iface {iface}` or run `limiter attach --iface {iface}`",
+                "no limiter is attached to {iface} ({} has no pinned maps): start `limiter agent --iface {iface} --redis URL` or run `limiter attach --iface {iface}`",
                 dir.display()
             );
         }

@@ -9,7 +9,7 @@ use limiter_user::{
     control::{self, Request, Response, RuleView},
     datapath::{self, AttachMode, Maps},
     rule_table::RuleTable,
-    rules::{Protocol, RuleSpec, format_window, parse_rate, parse_window},
+    rules::{Protocol, Rate, RuleSpec, format_window, parse_rate, parse_window},
     stats,
 };
 
@@ -46,6 +46,7 @@ enum Command {
     Stats {
         #[command(flatten)]
         iface: IfaceArg,
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -53,6 +54,7 @@ enum Command {
     Status {
         #[command(flatten)]
         iface: IfaceArg,
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -60,7 +62,7 @@ enum Command {
 
 #[derive(Args)]
 struct IfaceArg {
-    /// Network interface the limiter is attached to.
+    /// Network interface the limiter runs on (or is to be attached to).
     #[arg(long)]
     iface: String,
 }
@@ -103,6 +105,7 @@ enum LimitCommand {
     List {
         #[command(flatten)]
         iface: IfaceArg,
+        /// Print JSON instead of a table, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -112,9 +115,10 @@ enum LimitCommand {
 struct LimitAddArgs {
     #[command(flatten)]
     iface: IfaceArg,
-    /// Packets each source key may pass per window, fleet-wide, such as 100 or 100/s.
+    /// Packets each source key may pass per window, fleet-wide (100), or per second (100/s,
+    /// converted to packets per window).
     #[arg(long, value_parser = |text: &str| parse_rate(text))]
-    rate: u64,
+    rate: Rate,
     /// Window length, from 10ms to 1h.
     #[arg(long, default_value = "1s", value_parser = |text: &str| parse_window(text))]
     window: Duration,
@@ -150,6 +154,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     // Errors fit on one line: clap's hint to try --help follows a blank line and is dropped.
@@ -261,11 +266,12 @@ async fn run_limit(command: LimitCommand) -> anyhow::Result<()> {
     match command {
         LimitCommand::Add(args) => {
             let LimitAddArgs { iface, rate, window, proto, port, prefix_v4, prefix_v6, per_port } = args;
+            let window_ms = window.as_millis() as u64;
             let spec = RuleSpec {
                 protocol: proto,
                 port,
-                rate,
-                window_ms: window.as_millis() as u64,
+                rate: rate.per_window(window_ms)?,
+                window_ms,
                 ipv4_prefix_len: prefix_v4,
                 ipv6_prefix_len: prefix_v6,
                 per_port,

@@ -134,12 +134,42 @@ pub fn format_window(window: Duration) -> String {
     }
 }
 
-/// Parses a rate given as packets per window: `100`, or `100/s` when the window is 1 s.
-pub fn parse_rate(text: &str) -> Result<u64, RuleError> {
-    let number = text.strip_suffix("/s").unwrap_or(text);
+/// A rate as the operator typed it: packets per window, or packets per second (`100/s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate {
+    PerWindow(u64),
+    PerSecond(u64),
+}
+
+impl Rate {
+    /// Returns packets per window for a window of `window_ms`. A per-second rate is
+    /// multiplied by the window length, and must come out as a whole number of packets.
+    pub fn per_window(self, window_ms: u64) -> Result<u64, RuleError> {
+        match self {
+            Rate::PerWindow(count) => Ok(count),
+            Rate::PerSecond(per_second) => {
+                let scaled = u128::from(per_second) * u128::from(window_ms);
+                if scaled % 1000 != 0 || scaled == 0 {
+                    return Err(RuleError::Rate(format!(
+                        "{per_second}/s over a {window_ms}ms window is not a whole number of packets; give packets per window instead"
+                    )));
+                }
+                u64::try_from(scaled / 1000).map_err(|_| RuleError::Rate(format!("{per_second}/s")))
+            }
+        }
+    }
+}
+
+/// Parses a rate: `100` packets per window, or `100/s` packets per second.
+pub fn parse_rate(text: &str) -> Result<Rate, RuleError> {
+    let (number, per_second) = match text.strip_suffix("/s") {
+        Some(number) => (number, true),
+        None => (text, false),
+    };
     match number.trim().parse::<u64>() {
         Ok(0) => Err(RuleError::ZeroRate),
-        Ok(rate) => Ok(rate),
+        Ok(count) if per_second => Ok(Rate::PerSecond(count)),
+        Ok(count) => Ok(Rate::PerWindow(count)),
         Err(_) => Err(RuleError::Rate(text.to_owned())),
     }
 }
@@ -317,9 +347,18 @@ mod tests {
     }
 
     #[test]
+    fn rate_per_second_scales_with_window() {
+        assert_eq!(Rate::PerSecond(100).per_window(1000), Ok(100));
+        assert_eq!(Rate::PerSecond(100).per_window(10_000), Ok(1000));
+        assert_eq!(Rate::PerSecond(100).per_window(500), Ok(50));
+        assert!(Rate::PerSecond(3).per_window(100).is_err(), "0.3 packets per window");
+        assert_eq!(Rate::PerWindow(7).per_window(10_000), Ok(7));
+    }
+
+    #[test]
     fn rate_parses_and_rejects() {
-        assert_eq!(parse_rate("100"), Ok(100));
-        assert_eq!(parse_rate("100/s"), Ok(100));
+        assert_eq!(parse_rate("100"), Ok(Rate::PerWindow(100)));
+        assert_eq!(parse_rate("100/s"), Ok(Rate::PerSecond(100)));
         assert_eq!(parse_rate("0"), Err(RuleError::ZeroRate));
         assert_eq!(parse_rate("ten"), Err(RuleError::Rate("ten".into())));
         assert_eq!(parse_rate("-5"), Err(RuleError::Rate("-5".into())));

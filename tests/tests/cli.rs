@@ -34,6 +34,7 @@ fn invalid_input_fails_with_one_line() {
         (&["limit", "add", "--iface", iface, "--rate", "100", "--proto", "icmp"], "invalid protocol \"icmp\""),
         (&["limit", "add", "--iface", iface, "--rate", "100", "--window", "0s"], "invalid window \"0s\""),
         (&["limit", "add", "--iface", iface, "--rate", "100", "--window", "2h"], "invalid window \"2h\""),
+        (&["limit", "add", "--iface", iface, "--rate", "3/s", "--window", "100ms"], "not a whole number of packets"),
         (&["limit", "remove", "--iface", iface, "99"], "rule 99 not found"),
         (&["limit", "add", "--iface", no_agent_iface, "--rate", "100"], "no limiter is attached to lmnoagent0"),
         (&["status", "--iface", no_agent_iface], "no agent is running on lmnoagent0"),
