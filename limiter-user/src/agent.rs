@@ -32,7 +32,9 @@ use crate::{
 pub struct AgentConfig {
     pub iface: String,
     pub mode: AttachMode,
-    pub redis_url: String,
+    /// One Redis URL, or seed nodes of a Redis Cluster with `redis_cluster`.
+    pub redis_urls: Vec<String>,
+    pub redis_cluster: bool,
     pub sync_interval: Duration,
     pub node_id: String,
     pub max_keys: u32,
@@ -54,7 +56,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Runs the agent until it receives SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let AgentConfig { iface, mode, redis_url, sync_interval, node_id, max_keys, redis_timeout } = config.clone();
+    let AgentConfig { iface, mode, redis_urls, redis_cluster, sync_interval, node_id, max_keys, redis_timeout } =
+        config.clone();
 
     // Step 1: attach the program, or adopt the one pinned by an earlier run.
     let attachment = datapath::attach(&iface, mode, max_keys)?;
@@ -62,9 +65,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut rules = RuleTable::load(&maps)?;
     rules.set_sync_interval(sync_interval);
     let cpus = aya::util::nr_cpus().map_err(|(path, error)| anyhow::anyhow!("failed to read {path}: {error}"))?;
-    info!(iface, node_id, %attachment, rules = rules.views().len(), cpus, "agent started");
+    info!(iface, node_id, %attachment, rules = rules.views().len(), cpus, redis_cluster, "agent started");
 
-    let store = Store::connect(&redis_url, redis_timeout)?;
+    let store = Store::connect(&redis_urls, redis_cluster, redis_timeout)?;
     let shared = Arc::new(Shared {
         maps: Mutex::new(maps),
         rules: Mutex::new(rules),
@@ -72,7 +75,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             iface: iface.clone(),
             node_id: node_id.clone(),
             attachment,
-            redis_url: control::redact_url(&redis_url),
+            redis_url: redis_urls.iter().map(|url| control::redact_url(url)).collect::<Vec<_>>().join(","),
+            redis_cluster,
             store_reachable: false,
             sync_interval_ms: sync_interval.as_millis() as u64,
             gateways_seen: 1,

@@ -68,8 +68,11 @@ pub struct AgentStatus {
     pub iface: String,
     pub node_id: String,
     pub attachment: Attachment,
-    /// Redis URL with any password replaced by `***`.
+    /// Redis URLs, comma-separated, with any password replaced by `***`.
     pub redis_url: String,
+    /// Whether the URLs are seed nodes of a Redis Cluster.
+    #[serde(default)]
+    pub redis_cluster: bool,
     pub store_reachable: bool,
     pub sync_interval_ms: u64,
     pub gateways_seen: u64,

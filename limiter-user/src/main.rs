@@ -73,9 +73,13 @@ struct AgentArgs {
     iface: IfaceArg,
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     mode: AttachMode,
-    /// Redis URL, such as redis://127.0.0.1:6379 or rediss://user:password@host:6380.
+    /// Redis URL, such as redis://127.0.0.1:6379 or rediss://user:password@host:6380; with
+    /// --redis-cluster, one or more cluster nodes, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    redis: Vec<String>,
+    /// Treat the --redis URLs as seed nodes of a Redis Cluster.
     #[arg(long)]
-    redis: String,
+    redis_cluster: bool,
     /// Time between reconciliations with the fleet, such as 100ms.
     #[arg(long, default_value = "100ms", value_parser = parse_interval)]
     sync_interval: Duration,
@@ -187,7 +191,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Agent(args) => {
-            let AgentArgs { iface, mode, redis, sync_interval, node_id, max_keys, redis_timeout } = args;
+            let AgentArgs { iface, mode, redis, redis_cluster, sync_interval, node_id, max_keys, redis_timeout } = args;
             let node_id = match node_id {
                 Some(node_id) => node_id,
                 None => host_name().context("failed to read the host name: pass --node-id NAME")?,
@@ -202,7 +206,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             agent::run(AgentConfig {
                 iface: iface.iface,
                 mode,
-                redis_url: redis,
+                redis_urls: redis,
+                redis_cluster,
                 sync_interval,
                 node_id,
                 max_keys,
@@ -250,7 +255,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("iface:          {}", status.iface);
                 println!("node id:        {}", status.node_id);
                 println!("attachment:     {}", status.attachment);
-                println!("redis:          {} ({})", status.redis_url, if status.store_reachable { "reachable" } else { "unreachable" });
+                let store_kind = if status.redis_cluster { "cluster, " } else { "" };
+                let reachable = if status.store_reachable { "reachable" } else { "unreachable" };
+                println!("redis:          {} ({store_kind}{reachable})", status.redis_url);
                 println!("sync interval:  {} ms", status.sync_interval_ms);
                 println!("gateways seen:  {}", status.gateways_seen);
                 println!("ticks:          {} ({} failed)", status.ticks, status.failed_ticks);

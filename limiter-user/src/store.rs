@@ -3,9 +3,14 @@
 //! Keys are grouped by rule and by a bucket derived from the flow key, and every Redis key of
 //! one group carries the group's hash tag, so each script call touches one cluster slot.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use redis::{Script, aio::ConnectionManager};
+use redis::{
+    FromRedisValue, Script, ScriptInvocation,
+    aio::ConnectionManager,
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
 
 /// How many buckets the keys of one rule are spread over. More buckets spread a rule over
 /// more cluster slots; fewer mean fewer, larger script calls.
@@ -98,10 +103,26 @@ pub struct Group<'a> {
     pub node_id: &'a str,
 }
 
+/// How the agent reaches Redis.
+#[derive(Clone)]
+enum Backend {
+    /// One server, through a connection that reopens itself in the background.
+    Single(ConnectionManager),
+    /// A Redis Cluster. The redis crate routes each EVALSHA to the node owning the slot of
+    /// its first key, follows MOVED and ASK, and sends SCRIPT LOAD to every node.
+    Cluster(Arc<LazyCluster>),
+}
+
+/// A cluster connection opened on first use, so an agent starts while the cluster is down.
+struct LazyCluster {
+    client: ClusterClient,
+    connection: tokio::sync::OnceCell<ClusterConnection>,
+}
+
 /// A connection to Redis with the scripts loaded on demand.
 #[derive(Clone)]
 pub struct Store {
-    connection: ConnectionManager,
+    backend: Backend,
     sync_script: Script,
     reserve_script: Script,
     heartbeat_script: Script,
@@ -110,18 +131,37 @@ pub struct Store {
 
 impl Store {
     /// Connects lazily: the first call opens the connection, and a lost connection is
-    /// reopened in the background, so an agent can start while Redis is down.
-    pub fn connect(url: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url).map_err(|error| {
-            anyhow::anyhow!("invalid Redis URL: {error}; expected redis://[user:password@]host:port[/db]")
-        })?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+    /// reopened, so an agent can start while Redis is down. With `cluster`, `urls` are seed
+    /// nodes of a Redis Cluster; without it, `urls` must name exactly one server.
+    pub fn connect(urls: &[String], cluster: bool, timeout: Duration) -> anyhow::Result<Self> {
+        let backend = if cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(1)
+                .build()
+                .map_err(|error| {
+                    anyhow::anyhow!("invalid Redis Cluster URLs: {error}; expected redis://host:port of one or more nodes")
+                })?;
+            Backend::Cluster(Arc::new(LazyCluster { client, connection: tokio::sync::OnceCell::new() }))
+        } else {
+            let [url] = urls else {
+                anyhow::bail!(
+                    "{} Redis URLs given for a single server: pass one URL, or add --redis-cluster for a cluster",
+                    urls.len()
+                );
+            };
+            let client = redis::Client::open(url.as_str()).map_err(|error| {
+                anyhow::anyhow!("invalid Redis URL: {error}; expected redis://[user:password@]host:port[/db]")
+            })?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1);
+            Backend::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+        };
         Ok(Self {
-            connection,
+            backend,
             sync_script: Script::new(SYNC_SCRIPT),
             reserve_script: Script::new(RESERVE_SCRIPT),
             heartbeat_script: Script::new(HEARTBEAT_SCRIPT),
@@ -129,10 +169,25 @@ impl Store {
         })
     }
 
+    /// Runs a script invocation within the store's timeout. `invoke_async` sends EVALSHA
+    /// and, on NOSCRIPT (a restarted or failed-over node), loads the script and retries once.
+    async fn invoke<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Result<T, StoreError> {
+        let call = async {
+            match &self.backend {
+                Backend::Single(connection) => invocation.invoke_async(&mut connection.clone()).await,
+                Backend::Cluster(cluster) => {
+                    let connection =
+                        cluster.connection.get_or_try_init(|| cluster.client.get_async_connection()).await?;
+                    invocation.invoke_async(&mut connection.clone()).await
+                }
+            }
+        };
+        Ok(tokio::time::timeout(self.timeout, call).await.map_err(|_| StoreError::Timeout(self.timeout))??)
+    }
+
     /// Adds `deltas` of one (rule, bucket) group, counted over the last `span_us`, and
     /// returns the fleet's counts and the other gateways' leases.
     ///
-    /// `Script::invoke_async` sends EVALSHA and, on NOSCRIPT, loads the script and retries once.
     pub async fn sync(&self, group: &Group<'_>, span_us: u64, deltas: &[KeyDelta]) -> Result<SyncReply, StoreError> {
         let [even, odd, leases] = group_keys(group.rule_id, group.bucket);
         let mut invocation = self.sync_script.key(even);
@@ -140,10 +195,7 @@ impl Store {
         for delta in deltas {
             invocation.arg(&delta.field).arg(delta.passed);
         }
-        let mut connection = self.connection.clone();
-        let reply: Vec<i64> = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))??;
+        let reply: Vec<i64> = self.invoke(&invocation).await?;
         parse_sync_reply(&reply, deltas.len())
     }
 
@@ -155,10 +207,7 @@ impl Store {
         for lease in leases {
             invocation.arg(&lease.field).arg(lease.grant).arg(lease.rate);
         }
-        let mut connection = self.connection.clone();
-        let written: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))??;
+        let written: i64 = self.invoke(&invocation).await?;
         if written != leases.len() as i64 {
             return Err(StoreError::Reply(format!("reserve wrote {written} leases, expected {}", leases.len())));
         }
@@ -169,10 +218,7 @@ impl Store {
     pub async fn heartbeat(&self, node_id: &str, alive: Duration) -> Result<u64, StoreError> {
         let mut invocation = self.heartbeat_script.key(GATEWAYS_KEY);
         invocation.arg(node_id).arg(alive.as_millis().max(1) as u64);
-        let mut connection = self.connection.clone();
-        let count: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))??;
+        let count: i64 = self.invoke(&invocation).await?;
         u64::try_from(count)
             .ok()
             .filter(|count| *count >= 1)

@@ -25,9 +25,18 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `gateways` gateways with agents ticking every `sync_interval`.
+    /// Starts `gateways` gateways with agents ticking every `sync_interval`, sharing a
+    /// redis-server of the fleet's own.
     pub fn start(gateways: usize, sync_interval: &str) -> Self {
+        Self::start_with_store(gateways, sync_interval, None)
+    }
+
+    /// Starts the fleet with agents that reach the store through `store_args` (such as
+    /// `--redis URLS --redis-cluster`) instead of the fleet's own redis-server, which then
+    /// stays idle.
+    pub fn start_with_store(gateways: usize, sync_interval: &str, store_args: Option<Vec<String>>) -> Self {
         let redis = RedisServer::start();
+        let store_args = store_args.unwrap_or_else(|| vec!["--redis".to_owned(), redis.url()]);
         let subnet = unique_subnet();
         let source_addr = subnet_addr(subnet, 200);
         let gateway_addrs: Vec<Ipv4Addr> = (0..gateways).map(|index| subnet_addr(subnet, 1 + index as u8)).collect();
@@ -39,7 +48,9 @@ impl Fleet {
             .enumerate()
             .map(|(index, veth)| {
                 let node_id = format!("gw{index}-{}", unique_name("n"));
-                Agent::start(&veth.host, &redis.url(), &node_id, &["--sync-interval", sync_interval])
+                let mut args: Vec<&str> = vec!["--sync-interval", sync_interval];
+                args.extend(store_args.iter().map(String::as_str));
+                Agent::start_with_args(&veth.host, &node_id, &args)
             })
             .collect();
         Self { source_addr, gateway_addrs, agents, veths, namespaces, redis }

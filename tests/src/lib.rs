@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cluster;
 pub mod fleet;
 pub mod test_run;
 pub mod traffic;
@@ -237,9 +238,16 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent on `iface` and waits for its control socket.
     pub fn start(iface: &str, redis_url: &str, node_id: &str, extra_args: &[&str]) -> Self {
+        let mut args = vec!["--redis", redis_url];
+        args.extend_from_slice(extra_args);
+        Self::start_with_args(iface, node_id, &args)
+    }
+
+    /// Starts an agent on `iface` with `args` naming its store, and waits for its socket.
+    pub fn start_with_args(iface: &str, node_id: &str, args: &[&str]) -> Self {
         let child = Command::new(limiter_binary())
-            .args(["agent", "--iface", iface, "--redis", redis_url, "--node-id", node_id])
-            .args(extra_args)
+            .args(["agent", "--iface", iface, "--node-id", node_id])
+            .args(args)
             .env("RUST_LOG", "info")
             .spawn()
             .unwrap_or_else(|error| panic!("failed to start limiter agent: {error}"));
