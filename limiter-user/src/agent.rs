@@ -93,7 +93,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let server = tokio::spawn(serve_control(listener, shared.clone()));
 
     // Step 3: reconcile every interval until told to stop.
-    let result = tick_loop(&config, &store, shared, cpus).await;
+    let adopted = matches!(lock(&shared.status).attachment, datapath::Attachment::Adopted);
+    let result = tick_loop(&config, &store, shared, cpus, adopted).await;
 
     server.abort();
     let _ = std::fs::remove_file(&socket_path);
@@ -101,12 +102,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     result
 }
 
-async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpus: usize) -> anyhow::Result<()> {
+async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpus: usize, adopted: bool) -> anyhow::Result<()> {
     // Grants outlive a few missed ticks, so one slow Redis reply does not reset every key
     // to its fallback limit.
     let grant_lifetime = config.sync_interval * 3;
     let gateway_alive = (config.sync_interval * 10).max(Duration::from_secs(2));
     let mut reconciler = Reconciler::new(store.clone(), &config.node_id, config.sync_interval, grant_lifetime, cpus);
+    if adopted {
+        reconciler.adopt_existing_counters();
+    }
 
     let mut interval = tokio::time::interval(config.sync_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -107,6 +107,9 @@ pub struct Reconciler {
     interval_us: u64,
     /// Time the previous tick read the counters, from which the script gets the span of the deltas.
     last_read_ns: Option<u64>,
+    /// Set when the agent adopted counters from an earlier run: the first tick takes them as
+    /// the baseline instead of sending their whole history as one delta.
+    baseline_pending: bool,
     cpus: usize,
 }
 
@@ -119,8 +122,17 @@ impl Reconciler {
             grant_lifetime,
             interval_us: interval.as_micros() as u64,
             last_read_ns: None,
+            baseline_pending: false,
             cpus,
         }
+    }
+
+    /// Makes the first tick record the counters already in the maps as the baseline,
+    /// without syncing them. Without this, an agent that replaces a crashed one would send
+    /// every packet each key ever passed as one delta, and the fleet would see every key far
+    /// over its limit for a window. What passed while no agent ran is not counted fleet-wide.
+    pub fn adopt_existing_counters(&mut self) {
+        self.baseline_pending = true;
     }
 
     /// Runs one tick against `maps`, with `rules` keyed by rule id.
@@ -141,6 +153,15 @@ impl Reconciler {
         };
         report.keys_tracked = snapshot.len();
         let now_local = monotonic_ns();
+        if std::mem::take(&mut self.baseline_pending) {
+            for (key, counters) in snapshot {
+                let history = self.histories.entry(key).or_default();
+                history.passed = counters.iter().map(|counter| counter.passed).collect();
+                history.offered = counters.iter().map(|counter| counter.offered).collect();
+            }
+            self.last_read_ns = Some(now_local);
+            return report;
+        }
         // The deltas of a key new since the last tick span less than this, and those after a
         // failed call span more. The split across a window boundary is an estimate either way.
         let span_us = match self.last_read_ns.replace(now_local) {

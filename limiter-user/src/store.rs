@@ -16,7 +16,7 @@ use redis::{
 /// more cluster slots; fewer mean fewer, larger script calls.
 pub const BUCKETS: u32 = 64;
 
-/// Most flow keys sent in one script call, so a call never blocks Redis for long.
+/// Most flow keys sent in one script call, which bounds how long one call runs in Redis.
 pub const MAX_KEYS_PER_CALL: usize = 512;
 
 const SYNC_SCRIPT: &str = include_str!("../../lua/sync.lua");
@@ -37,7 +37,7 @@ pub enum StoreError {
     Reply(String),
 }
 
-/// What one gateway reports for one key in a tick.
+/// One gateway's report for one key in a tick.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyDelta {
     /// The key as stored in Redis, such as `198.51.100.7/32` or `2001:db8::/64:53`.
@@ -51,7 +51,7 @@ pub struct FleetCounts {
     /// Packets the fleet passed in the current and the previous window.
     pub current_passed: u64,
     pub previous_passed: u64,
-    /// What the other gateways' grants still allow them to pass.
+    /// Packets the other gateways' grants still allow them to pass.
     pub others_outstanding: u64,
     /// Offered packets per second the other gateways reported recently.
     pub others_rate: u64,
@@ -103,7 +103,7 @@ pub struct Group<'a> {
     pub node_id: &'a str,
 }
 
-/// How the agent reaches Redis.
+/// The agent's way to Redis: one server or a cluster.
 #[derive(Clone)]
 enum Backend {
     /// One server, through a connection that reopens itself in the background.

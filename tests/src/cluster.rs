@@ -146,7 +146,7 @@ pub fn command(port: u16, line: &str) -> String {
     String::from_utf8_lossy(&reply).into_owned()
 }
 
-/// Returns true when `reply` holds a whole RESP reply of the kinds these commands return.
+/// Returns true when `reply` contains a whole RESP reply of the kinds these commands return.
 fn is_complete(reply: &[u8]) -> bool {
     let text = String::from_utf8_lossy(reply);
     if let Some(rest) = text.strip_prefix('$') {

@@ -252,8 +252,11 @@ impl Agent {
             .spawn()
             .unwrap_or_else(|error| panic!("failed to start limiter agent: {error}"));
         let agent = Self { iface: iface.to_owned(), child };
+        // A crashed agent leaves its socket file behind, so wait for a connection, not a file.
         let socket = limiter_user::control::socket_path(iface);
-        wait_until("the agent's control socket", Duration::from_secs(20), || socket.exists());
+        wait_until("the agent's control socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
         agent
     }
 
@@ -264,6 +267,13 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and reaps it. Its control socket is
+    /// left behind, as after a real crash.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
