@@ -195,7 +195,7 @@ fn ensure_bpf_fs() -> anyhow::Result<()> {
 fn native_refused(iface: &str, error: aya::programs::ProgramError) -> anyhow::Error {
     anyhow::Error::new(error).context(format!(
         "failed to attach XDP to {iface} in native mode: the driver may lack native XDP, or the MTU may be \
-         too large for it (veth needs MTU 3498 or less without multi-buffer support); try --mode skb"
+         too large for it (veth without multi-buffer XDP needs frames that fit in one page); try --mode skb"
     ))
 }
 
