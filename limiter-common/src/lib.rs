@@ -42,6 +42,13 @@ pub const MAX_WINDOW_NS: u64 = 3_600_000_000_000;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+/// Store-down policy: enforce `Rule::fallback_limit` on this gateway alone.
+pub const STORE_DOWN_LOCAL: u8 = 0;
+/// Store-down policy: pass every packet, counted as `PassedStoreDown`.
+pub const STORE_DOWN_OPEN: u8 = 1;
+/// Store-down policy: drop every packet, counted as `DroppedStoreDown`.
+pub const STORE_DOWN_CLOSED: u8 = 2;
+
 /// Values of [`FlowKey::family`].
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
@@ -80,7 +87,9 @@ pub struct Rule {
     pub ipv6_prefix_len: u8,
     /// 1 when each destination port of a source is limited separately, else 0.
     pub key_by_dst_port: u8,
-    pub _padding: u8,
+    /// What a key without a valid grant gets while the fleet is out of reach: one of the
+    /// `STORE_DOWN_*` values.
+    pub store_down_policy: u8,
     /// Packets each key may pass per window, fleet-wide.
     pub limit: u64,
     /// Packets each key may pass per window on this gateway while it has no valid grant
@@ -187,10 +196,16 @@ pub enum Reason {
     /// The `COUNTERS` map rejected a new key: `XDP_PASS`, counted so the operator can see
     /// traffic that went unlimited and grow the map.
     Untracked = 8,
+    /// No valid grant while the fleet is out of reach, under a rule whose store-down policy
+    /// is `open`: `XDP_PASS`.
+    PassedStoreDown = 9,
+    /// No valid grant while the fleet is out of reach, under a rule whose store-down policy
+    /// is `closed`: `XDP_DROP`.
+    DroppedStoreDown = 10,
 }
 
 /// Number of [`Reason`] values, and so the size of the `STATS` array.
-pub const REASON_COUNT: u32 = 9;
+pub const REASON_COUNT: u32 = 11;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -203,6 +218,8 @@ impl Reason {
         Reason::VlanTooDeep,
         Reason::Ipv6ChainTooLong,
         Reason::Untracked,
+        Reason::PassedStoreDown,
+        Reason::DroppedStoreDown,
     ];
 
     /// Name used in `limiter stats` and in metrics.
@@ -217,6 +234,8 @@ impl Reason {
             Reason::VlanTooDeep => "vlan_too_deep",
             Reason::Ipv6ChainTooLong => "ipv6_chain_too_long",
             Reason::Untracked => "untracked",
+            Reason::PassedStoreDown => "passed_store_down",
+            Reason::DroppedStoreDown => "dropped_store_down",
         }
     }
 
@@ -229,6 +248,7 @@ impl Reason {
                 | Reason::Malformed
                 | Reason::VlanTooDeep
                 | Reason::Ipv6ChainTooLong
+                | Reason::DroppedStoreDown
         )
     }
 }

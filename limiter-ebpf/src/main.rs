@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     AgentHeartbeat, DEFAULT_MAX_KEYS, FAMILY_IPV4, FlowKey, Grant, KeyCounter, MAX_RULES, REASON_COUNT,
-    Reason, Rule, RuleMatch, window,
+    Reason, Rule, RuleMatch, STORE_DOWN_CLOSED, STORE_DOWN_OPEN, window,
 };
 use parse::{Packet, parse_packet};
 
@@ -91,14 +91,25 @@ fn limit_packet(packet: &Packet) -> Reason {
             }
             (admitted, Reason::DroppedGlobalLimit)
         }
-        _ => {
-            // A key never granted, while the agent is granting, waits at most a tick for its
-            // grant, so it passes a paced amount. An expired grant, or a silent agent, means
-            // the fleet is out of reach: the fallback limit applies.
-            let limit = if grant.is_none() && agent_granting(now) { rule.new_key_limit } else { rule.fallback_limit };
-            let admitted = counter.fallback_window.try_admit(now, rule.window_ns, limit);
+        // A key never granted, while the agent is granting, waits at most a tick for its
+        // grant, so it passes a paced amount.
+        None if agent_granting(now) => {
+            let admitted = counter.fallback_window.try_admit(now, rule.window_ns, rule.new_key_limit);
             (admitted, Reason::DroppedLocalLimit)
         }
+        // An expired grant, or a silent agent, means the fleet is out of reach: the rule's
+        // store-down policy applies.
+        _ => match rule.store_down_policy {
+            STORE_DOWN_OPEN => {
+                counter.passed += 1;
+                return Reason::PassedStoreDown;
+            }
+            STORE_DOWN_CLOSED => return Reason::DroppedStoreDown,
+            _ => {
+                let admitted = counter.fallback_window.try_admit(now, rule.window_ns, rule.fallback_limit);
+                (admitted, Reason::DroppedLocalLimit)
+            }
+        },
     };
 
     if !admitted {

@@ -9,7 +9,7 @@ use limiter_user::{
     control::{self, Request, Response, RuleView},
     datapath::{self, AttachMode, Maps},
     rule_table::RuleTable,
-    rules::{Protocol, Rate, RuleSpec, format_window, parse_rate, parse_window},
+    rules::{Protocol, Rate, RuleSpec, StoreDownPolicy, format_window, parse_rate, parse_window},
     stats,
 };
 
@@ -141,6 +141,10 @@ struct LimitAddArgs {
     /// Limit each destination port of a source separately.
     #[arg(long)]
     per_port: bool,
+    /// What keys get while Redis or the agent is out of reach: local (the limit divided by
+    /// the gateways last seen), open (pass) or closed (drop).
+    #[arg(long, value_enum, default_value_t = StoreDownPolicy::Local)]
+    store_down: StoreDownPolicy,
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -272,7 +276,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 async fn run_limit(command: LimitCommand) -> anyhow::Result<()> {
     match command {
         LimitCommand::Add(args) => {
-            let LimitAddArgs { iface, rate, window, proto, port, prefix_v4, prefix_v6, per_port } = args;
+            let LimitAddArgs { iface, rate, window, proto, port, prefix_v4, prefix_v6, per_port, store_down } = args;
             let window_ms = window.as_millis() as u64;
             let spec = RuleSpec {
                 protocol: proto,
@@ -282,6 +286,7 @@ async fn run_limit(command: LimitCommand) -> anyhow::Result<()> {
                 ipv4_prefix_len: prefix_v4,
                 ipv6_prefix_len: prefix_v6,
                 per_port,
+                store_down,
             };
             spec.validate()?;
             let view = if agent_running(&iface.iface) {
@@ -338,11 +343,11 @@ fn expect_ok(response: Response) -> anyhow::Result<Response> {
 }
 
 fn format_rules(rules: &[RuleView]) -> String {
-    let mut table = format!("{:>4}  {:<16} {:>12} {:>8} {:>7} {:>7} {:>8} {:>9} {:>8} {:>10}\n", "id", "traffic", "rate",
-        "window", "ipv4", "ipv6", "per-port", "fallback", "gateways", "max-over");
+    let mut table = format!("{:>4}  {:<16} {:>12} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>8} {:>10}\n", "id", "traffic",
+        "rate", "window", "ipv4", "ipv6", "per-port", "store-down", "fallback", "gateways", "max-over");
     for rule in rules {
         table += &format!(
-            "{:>4}  {:<16} {:>12} {:>8} {:>7} {:>7} {:>8} {:>9} {:>8} {:>10}\n",
+            "{:>4}  {:<16} {:>12} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>8} {:>10}\n",
             rule.id,
             rule.spec.describe_match(),
             rule.spec.rate,
@@ -350,6 +355,7 @@ fn format_rules(rules: &[RuleView]) -> String {
             format!("/{}", rule.spec.ipv4_prefix_len),
             format!("/{}", rule.spec.ipv6_prefix_len),
             if rule.spec.per_port { "yes" } else { "no" },
+            rule.spec.store_down.to_string(),
             rule.fallback_limit,
             rule.gateways,
             rule.max_over_admission,

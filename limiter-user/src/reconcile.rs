@@ -32,11 +32,18 @@ use crate::{
 };
 
 /// Per-key memory of the agent between ticks: each CPU's `passed` and `offered` counters as
-/// of the last successful sync.
+/// of the last successful sync, and when that was.
 #[derive(Debug, Default)]
 struct KeyHistory {
     passed: Vec<u64>,
     offered: Vec<u64>,
+    /// `CLOCK_MONOTONIC` time of the read the baseline comes from; `None` for a key never
+    /// synced, whose packets all came within the last tick.
+    read_at_ns: Option<u64>,
+    /// Until this `CLOCK_MONOTONIC` time, the store may be missing packets this gateway
+    /// passed (after an outage, or a restart of the agent), so the fleet's estimate is taken
+    /// no lower than this gateway's own.
+    local_floor_until_ns: u64,
 }
 
 /// A key with new traffic this tick, waiting for its group's sync call.
@@ -50,6 +57,12 @@ struct PendingKey {
     offered_delta: Vec<u64>,
     passed_total: u64,
     offered_total: u64,
+    /// Microseconds since the key's baseline was read: one tick normally, more after an outage.
+    full_span_us: u64,
+    /// This gateway's own sliding-window estimate of the key's passed packets, summed over
+    /// CPUs from their fallback windows, which count every packet passed; 0 outside the
+    /// key's local floor.
+    local_estimate: u64,
 }
 
 /// Figures from one tick, for logs and `limiter status`.
@@ -69,20 +82,41 @@ pub struct TickReport {
 /// Timing of the tick that a grant must last until.
 #[derive(Clone, Copy, Debug)]
 pub struct TickTiming {
-    /// Microseconds the deltas were counted over.
+    /// Microseconds the deltas were counted over, at most one window: the span sync.lua
+    /// splits across a window boundary.
     pub span_us: u64,
     /// Microseconds until the next tick.
     pub interval_us: u64,
 }
 
+/// Returns the part of `delta`, counted evenly over `full_span_us`, that fell in the last
+/// `span_us`. After an outage of many windows, only the last window's share can still weigh
+/// on the sliding estimate; sending the whole delta would put an outage's worth of packets
+/// in the current window and stop the key for a window.
+pub fn delta_within_span(delta: u64, span_us: u64, full_span_us: u64) -> u64 {
+    if full_span_us <= span_us || full_span_us == 0 {
+        return delta;
+    }
+    (u128::from(delta) * u128::from(span_us) / u128::from(full_span_us)) as u64
+}
+
 /// Returns the packets this gateway may pass for one key until its next tick.
 ///
-/// The fleet's budget is the limit minus the estimate at the next tick, at most the pace cap,
+/// The fleet's estimate is never taken below `local_estimate`, this gateway's own recent
+/// passes: after an outage, or with a Redis restarted empty, the store misses what passed
+/// meanwhile. The fleet's budget is the limit minus the estimate at the next tick, at most the pace cap,
 /// minus the other gateways' outstanding leases. Sizing it for the next tick rather than for
 /// now hands out the previous window's weight that expires during the coming tick, which
 /// would otherwise never be granted. The pace cap keeps a gateway that cannot see the others'
 /// demand yet, at a key's first tick, from taking a whole window's limit.
-pub fn gateway_budget(rule: &Rule, counts: &FleetCounts, reply: &SyncReply, timing: TickTiming, own_rate: u64) -> u64 {
+pub fn gateway_budget(
+    rule: &Rule,
+    counts: &FleetCounts,
+    reply: &SyncReply,
+    timing: TickTiming,
+    own_rate: u64,
+    local_estimate: u64,
+) -> u64 {
     let window_us = (rule.window_ns / 1000).max(1);
     let fleet = SlidingWindow {
         window_id: reply.window_id,
@@ -90,7 +124,7 @@ pub fn gateway_budget(rule: &Rule, counts: &FleetCounts, reply: &SyncReply, timi
         previous: counts.previous_passed,
     };
     let next_tick_us = reply.now_us.saturating_add(timing.interval_us);
-    let estimate = fleet.estimate_at(next_tick_us, window_us);
+    let estimate = fleet.estimate_at(next_tick_us, window_us).max(local_estimate);
     let pace = pace_cap(rule.limit, rule.window_ns, Duration::from_micros(timing.interval_us));
     let fleet_budget = window::remaining(rule.limit, estimate).min(pace).saturating_sub(counts.others_outstanding);
     proportional_share(fleet_budget, own_rate, own_rate.saturating_add(counts.others_rate))
@@ -130,7 +164,8 @@ impl Reconciler {
     /// Makes the first tick record the counters already in the maps as the baseline,
     /// without syncing them. Without this, an agent that replaces a crashed one would send
     /// every packet each key ever passed as one delta, and the fleet would see every key far
-    /// over its limit for a window. What passed while no agent ran is not counted fleet-wide.
+    /// over its limit for a window. What passed while no agent ran never reaches the store, so
+    /// for one window each key's estimate is taken no lower than this gateway's own.
     pub fn adopt_existing_counters(&mut self) {
         self.baseline_pending = true;
     }
@@ -158,6 +193,10 @@ impl Reconciler {
                 let history = self.histories.entry(key).or_default();
                 history.passed = counters.iter().map(|counter| counter.passed).collect();
                 history.offered = counters.iter().map(|counter| counter.offered).collect();
+                history.read_at_ns = Some(now_local);
+                // What passed while no agent ran never reaches the store.
+                let window_ns = rules.get(&key.rule_id).map_or(0, |rule| rule.window_ns);
+                history.local_floor_until_ns = now_local.saturating_add(window_ns);
             }
             self.last_read_ns = Some(now_local);
             return report;
@@ -178,7 +217,7 @@ impl Reconciler {
                 // Counters of a removed rule are deleted with the rule; a leftover is skipped.
                 continue;
             };
-            if let Some(pending) = self.pending_key(key, *rule, &counters) {
+            if let Some(pending) = self.pending_key(key, *rule, &counters, now_local, span_us) {
                 groups.entry((rule.id, bucket_of(&pending.field))).or_default().push(pending);
             }
         }
@@ -264,6 +303,7 @@ impl Reconciler {
                 let history = self.histories.entry(pending.key).or_default();
                 history.passed = pending.passed_now;
                 history.offered = pending.offered_now;
+                history.read_at_ns = Some(now_local);
                 report.keys_synced += 1;
             }
         }
@@ -271,8 +311,25 @@ impl Reconciler {
     }
 
     /// Computes the key's deltas since the last sync, or `None` if it saw no new packet.
-    fn pending_key(&mut self, key: FlowKey, rule: Rule, counters: &PerCpuValues<KeyCounter>) -> Option<PendingKey> {
+    fn pending_key(
+        &mut self,
+        key: FlowKey,
+        rule: Rule,
+        counters: &PerCpuValues<KeyCounter>,
+        now_local: u64,
+        tick_span_us: u64,
+    ) -> Option<PendingKey> {
         let history = self.histories.entry(key).or_default();
+        let full_span_us = match history.read_at_ns {
+            Some(read_at) => (now_local.saturating_sub(read_at) / 1000).max(1),
+            None => tick_span_us,
+        };
+        // A key out of sync for more than two ticks passed packets that the store never saw
+        // for a while; the floor covers the window in which they still count.
+        if full_span_us > 2 * self.interval_us {
+            history.local_floor_until_ns = now_local.saturating_add(rule.window_ns);
+        }
+        let floor_active = now_local < history.local_floor_until_ns;
         let passed_now: Vec<u64> = counters.iter().map(|counter| counter.passed).collect();
         let offered_now: Vec<u64> = counters.iter().map(|counter| counter.offered).collect();
         let passed_total = per_cpu_delta(&passed_now, &history.passed).iter().sum();
@@ -282,7 +339,28 @@ impl Reconciler {
             return None;
         }
         let field = flow_key_field(&key);
-        Some(PendingKey { key, rule, field, passed_now, offered_now, offered_delta, passed_total, offered_total })
+        // Outside the floor this stays 0: the gateway's windows are out of phase with the
+        // store's, and the larger of two estimates would hold every key a few percent under.
+        let local_estimate = if floor_active {
+            counters
+                .iter()
+                .map(|counter| counter.fallback_window.estimate_at(now_local, rule.window_ns))
+                .fold(0u64, u64::saturating_add)
+        } else {
+            0
+        };
+        Some(PendingKey {
+            key,
+            rule,
+            field,
+            passed_now,
+            offered_now,
+            offered_delta,
+            passed_total,
+            offered_total,
+            full_span_us,
+            local_estimate,
+        })
     }
 
 }
@@ -302,15 +380,20 @@ async fn sync_group(
     cpus: usize,
     chunk: &[PendingKey],
 ) -> Result<(Vec<Vec<u64>>, Result<(), StoreError>), StoreError> {
-    let deltas: Vec<KeyDelta> =
-        chunk.iter().map(|pending| KeyDelta { field: pending.field.clone(), passed: pending.passed_total }).collect();
+    let deltas: Vec<KeyDelta> = chunk
+        .iter()
+        .map(|pending| KeyDelta {
+            field: pending.field.clone(),
+            passed: delta_within_span(pending.passed_total, timing.span_us, pending.full_span_us),
+        })
+        .collect();
     let reply = store.sync(group, timing.span_us, &deltas).await?;
 
     let mut all_shares = Vec::with_capacity(chunk.len());
     let mut leases = Vec::with_capacity(chunk.len());
     for (pending, counts) in chunk.iter().zip(&reply.counts) {
-        let own_rate = pending.offered_total.saturating_mul(1_000_000) / timing.span_us.max(1);
-        let budget = gateway_budget(&pending.rule, counts, &reply, timing, own_rate);
+        let own_rate = pending.offered_total.saturating_mul(1_000_000) / pending.full_span_us.max(1);
+        let budget = gateway_budget(&pending.rule, counts, &reply, timing, own_rate, pending.local_estimate);
         let mut shares = vec![0u64; cpus];
         split_by_demand(budget, &pending.offered_delta, &mut shares);
         let leased: u64 =
@@ -400,39 +483,54 @@ mod tests {
     const TIMING: TickTiming = TickTiming { span_us: 100_000, interval_us: 100_000 };
 
     #[test]
+    fn delta_within_span_keeps_last_window_share() {
+        assert_eq!(delta_within_span(1000, 1_000_000, 10_000_000), 100);
+        assert_eq!(delta_within_span(30, 100_000, 100_000), 30);
+        assert_eq!(delta_within_span(30, 1_000_000, 100_000), 30);
+        assert_eq!(delta_within_span(7, 1_000_000, 0), 7);
+    }
+
+    #[test]
     fn gateway_budget_counts_decay_until_next_tick() {
         // 0.5 s into window 10: previous 600 weighs 300 now and 240 at the next tick (239
         // after the fixed-point weight rounds down), so 1000 - 239 - 700 = 61 is free by then.
         let counts = FleetCounts { current_passed: 700, previous_passed: 600, ..Default::default() };
-        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 61);
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 0), 61);
     }
 
     #[test]
     fn gateway_budget_subtracts_other_leases() {
         let counts = FleetCounts { current_passed: 700, previous_passed: 600, others_outstanding: 60, others_rate: 0 };
-        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 1);
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 0), 1);
     }
 
     #[test]
     fn gateway_budget_shares_by_rate() {
         // 61 free, this gateway offers 300/s of the fleet's 300 + 900: 15.25, rounded down.
         let counts = FleetCounts { current_passed: 700, previous_passed: 600, others_outstanding: 0, others_rate: 900 };
-        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 300), 15);
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 300, 0), 15);
+    }
+
+    #[test]
+    fn gateway_budget_never_below_local_passes() {
+        // Redis restarted empty knows nothing, but this gateway passed 950 in the window.
+        let counts = FleetCounts::default();
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 950), 50);
     }
 
     #[test]
     fn gateway_budget_is_paced() {
         // A fresh key has the whole limit free, but one tick grants at most two ticks' worth.
         let counts = FleetCounts::default();
-        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 200);
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 0), 200);
     }
 
     #[test]
     fn gateway_budget_is_zero_over_limit() {
         let counts = FleetCounts { current_passed: 1500, previous_passed: 0, others_outstanding: 0, others_rate: 0 };
-        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 0);
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 0), 0);
         let counts = FleetCounts { current_passed: 900, previous_passed: 0, others_outstanding: 500, others_rate: 0 };
-        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100), 0);
+        assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 0), 0);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use limiter_common::{IPPROTO_TCP, IPPROTO_UDP, MAX_WINDOW_NS, MIN_WINDOW_NS, Rule, RuleMatch};
+use limiter_common::{
+    IPPROTO_TCP, IPPROTO_UDP, MAX_WINDOW_NS, MIN_WINDOW_NS, Rule, RuleMatch, STORE_DOWN_CLOSED, STORE_DOWN_LOCAL,
+    STORE_DOWN_OPEN,
+};
 use serde::{Deserialize, Serialize};
 
 /// A rule that failed validation. Each message names the bad value and what is accepted.
@@ -174,6 +177,48 @@ pub fn parse_rate(text: &str) -> Result<Rate, RuleError> {
     }
 }
 
+/// What a rule's keys get while the fleet's counts are out of reach (Redis down, or the agent
+/// gone) and their grants have expired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDownPolicy {
+    /// Enforce the limit divided by the number of gateways last seen, on each gateway alone.
+    #[default]
+    Local,
+    /// Pass everything, counted as passed_store_down.
+    Open,
+    /// Drop everything, counted as dropped_store_down.
+    Closed,
+}
+
+impl StoreDownPolicy {
+    fn to_map_value(self) -> u8 {
+        match self {
+            StoreDownPolicy::Local => STORE_DOWN_LOCAL,
+            StoreDownPolicy::Open => STORE_DOWN_OPEN,
+            StoreDownPolicy::Closed => STORE_DOWN_CLOSED,
+        }
+    }
+
+    fn from_map_value(value: u8) -> Self {
+        match value {
+            STORE_DOWN_OPEN => StoreDownPolicy::Open,
+            STORE_DOWN_CLOSED => StoreDownPolicy::Closed,
+            _ => StoreDownPolicy::Local,
+        }
+    }
+}
+
+impl fmt::Display for StoreDownPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreDownPolicy::Local => "local",
+            StoreDownPolicy::Open => "open",
+            StoreDownPolicy::Closed => "closed",
+        })
+    }
+}
+
 /// A rule as the operator states it; the agent assigns its id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleSpec {
@@ -187,12 +232,14 @@ pub struct RuleSpec {
     pub ipv6_prefix_len: u8,
     /// Limit each destination port of a source separately.
     pub per_port: bool,
+    #[serde(default)]
+    pub store_down: StoreDownPolicy,
 }
 
 impl RuleSpec {
     /// Checks every field, returning the first that is out of range.
     pub fn validate(&self) -> Result<(), RuleError> {
-        let Self { protocol, port, rate, window_ms, ipv4_prefix_len, ipv6_prefix_len, per_port: _ } =
+        let Self { protocol, port, rate, window_ms, ipv4_prefix_len, ipv6_prefix_len, per_port: _, store_down: _ } =
             self;
         if *rate == 0 {
             return Err(RuleError::ZeroRate);
@@ -229,7 +276,7 @@ impl RuleSpec {
             ipv4_prefix_len: self.ipv4_prefix_len,
             ipv6_prefix_len: self.ipv6_prefix_len,
             key_by_dst_port: u8::from(self.per_port),
-            _padding: 0,
+            store_down_policy: self.store_down.to_map_value(),
             limit: self.rate,
             fallback_limit: fallback,
             new_key_limit: match sync_interval {
@@ -250,6 +297,7 @@ impl RuleSpec {
             ipv4_prefix_len: rule.ipv4_prefix_len,
             ipv6_prefix_len: rule.ipv6_prefix_len,
             per_port: rule.key_by_dst_port != 0,
+            store_down: StoreDownPolicy::from_map_value(rule.store_down_policy),
         }
     }
 
@@ -320,6 +368,7 @@ mod tests {
             ipv4_prefix_len: 32,
             ipv6_prefix_len: 128,
             per_port: false,
+            store_down: StoreDownPolicy::Local,
         }
     }
 
@@ -401,7 +450,7 @@ mod tests {
 
     #[test]
     fn rule_round_trips_through_map_entry() {
-        let spec = RuleSpec { per_port: true, ipv4_prefix_len: 24, ..spec() };
+        let spec = RuleSpec { per_port: true, ipv4_prefix_len: 24, store_down: StoreDownPolicy::Closed, ..spec() };
         let rule = spec.to_rule(7, 3, Some(std::time::Duration::from_millis(100)));
         assert_eq!(rule.id, 7);
         assert_eq!(rule.limit, 100);

@@ -172,15 +172,25 @@ pub struct RedisServer {
 impl RedisServer {
     pub fn start() -> Self {
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| panic!("failed to start redis-server (is it installed?): {error}"));
-        let server = Self { port, child };
-        wait_until("redis-server to answer PING", Duration::from_secs(10), || server.command("PING").contains("PONG"));
+        let server = Self { port, child: spawn_redis(port) };
+        server.wait_ready();
         server
+    }
+
+    /// Kills the server, as a crash would. `restart` brings up an empty one on the same port.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a new, empty server on the same port after `stop`.
+    pub fn restart(&mut self) {
+        self.child = spawn_redis(self.port);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        wait_until("redis-server to answer PING", Duration::from_secs(10), || self.command("PING").contains("PONG"));
     }
 
     pub fn url(&self) -> String {
@@ -200,6 +210,16 @@ impl RedisServer {
         let read = stream.read(&mut buffer).unwrap_or(0);
         String::from_utf8_lossy(&buffer[..read]).into_owned()
     }
+}
+
+/// Starts a redis-server on `port` of 127.0.0.1 without persistence.
+fn spawn_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|error| panic!("failed to start redis-server (is it installed?): {error}"))
 }
 
 impl Drop for RedisServer {
@@ -245,10 +265,20 @@ impl Agent {
 
     /// Starts an agent on `iface` with `args` naming its store, and waits for its socket.
     pub fn start_with_args(iface: &str, node_id: &str, args: &[&str]) -> Self {
+        Self::spawn(iface, node_id, args, Stdio::inherit())
+    }
+
+    /// Starts an agent whose log (standard error) goes to `log`.
+    pub fn start_logging(iface: &str, node_id: &str, args: &[&str], log: std::fs::File) -> Self {
+        Self::spawn(iface, node_id, args, Stdio::from(log))
+    }
+
+    fn spawn(iface: &str, node_id: &str, args: &[&str], stderr: Stdio) -> Self {
         let child = Command::new(limiter_binary())
             .args(["agent", "--iface", iface, "--node-id", node_id])
             .args(args)
             .env("RUST_LOG", "info")
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|error| panic!("failed to start limiter agent: {error}"));
         let agent = Self { iface: iface.to_owned(), child };

@@ -802,7 +802,7 @@ async fn gateway_budget_from_real_reply_matches_hand() {
     let expected = fleet_budget * OWN_RATE / (OWN_RATE + OTHER_RATE);
     assert!(remaining < pace, "the estimate {estimate} must limit the budget, not the pace cap {pace}");
     assert!(expected > 0, "the case must leave a budget to share: estimate {estimate}, counts {counts:?}");
-    assert_eq!(gateway_budget(&rule, &counts, &reply, timing, OWN_RATE), expected, "estimate {estimate} at the next tick, {counts:?}");
+    assert_eq!(gateway_budget(&rule, &counts, &reply, timing, OWN_RATE, 0), expected, "estimate {estimate} at the next tick, {counts:?}");
 }
 
 // heartbeat.lua

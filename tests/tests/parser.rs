@@ -152,7 +152,7 @@ fn rule(id: u32, fallback_limit: u64) -> Rule {
         ipv4_prefix_len: 32,
         ipv6_prefix_len: 128,
         key_by_dst_port: 0,
-        _padding: 0,
+        store_down_policy: limiter_common::STORE_DOWN_LOCAL,
         limit: HIGH_LIMIT,
         fallback_limit,
         // Applies only while the agent's heartbeat is fresh, which these tests set themselves.
@@ -820,4 +820,43 @@ fn expired_grant_falls_back_to_fallback_limit() {
         counted_reasons(&before, &datapath.reason_counts()),
         vec![(Reason::Passed.name(), FALLBACK_LIMIT), (Reason::DroppedLocalLimit.name(), 5)]
     );
+}
+
+/// Runs `frames` packets of one key whose grant expired a second ago, under a rule with
+/// `policy`, and returns the reasons counted.
+fn run_with_expired_grant(policy: u8, frames: u64) -> Vec<(&'static str, u64)> {
+    const FALLBACK_LIMIT: u64 = 4;
+    pin_to_current_cpu();
+    let mut datapath = Datapath::load();
+    datapath.add_rule(RuleMatch::new(IPPROTO_UDP, 0), Rule { store_down_policy: policy, ..rule(RULE_ID, FALLBACK_LIMIT) });
+    let frame = dns_over_ipv4().build();
+    let key = expected_ipv4_key(RULE_ID, SRC4, 32, 0);
+    let expires_ns = coarse_monotonic_ns().saturating_sub(1_000_000_000);
+    let cpus = aya::util::nr_cpus().unwrap_or_else(|(path, error)| panic!("failed to read {path}: {error}"));
+    datapath.set_grants(&key, vec![Grant { passed_ceiling: u64::MAX, expires_ns }; cpus]);
+    wait_for_window_room(MAX_WINDOW_NS, Duration::from_secs(5));
+
+    let before = datapath.reason_counts();
+    for _ in 0..frames {
+        datapath.run(&frame);
+    }
+    counted_reasons(&before, &datapath.reason_counts())
+}
+
+#[test]
+fn store_down_open_passes_and_counts() {
+    let reasons = run_with_expired_grant(limiter_common::STORE_DOWN_OPEN, 10);
+    assert_eq!(reasons, vec![(Reason::PassedStoreDown.name(), 10)]);
+}
+
+#[test]
+fn store_down_closed_drops_and_counts() {
+    let reasons = run_with_expired_grant(limiter_common::STORE_DOWN_CLOSED, 10);
+    assert_eq!(reasons, vec![(Reason::DroppedStoreDown.name(), 10)]);
+}
+
+#[test]
+fn store_down_local_enforces_fallback() {
+    let reasons = run_with_expired_grant(limiter_common::STORE_DOWN_LOCAL, 10);
+    assert_eq!(reasons, vec![(Reason::Passed.name(), 4), (Reason::DroppedLocalLimit.name(), 6)]);
 }
