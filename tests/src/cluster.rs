@@ -60,6 +60,11 @@ impl RedisCluster {
                 command(port, "CLUSTER INFO").contains("cluster_state:ok")
             });
         }
+        // Replicas are announced by gossip, after the slots are: wait until the first node
+        // lists all three, since failover tests look them up there.
+        wait_until("the first node to list three replicas", Duration::from_secs(20), || {
+            command(cluster.ports[0], "CLUSTER NODES").lines().filter(|line| line.contains(" slave ")).count() == NODES / 2
+        });
         cluster
     }
 

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | demo | test`.
+//! Project tasks: `cargo xtask setup | build | demo | test | bench`.
 //!
 //! Every task that builds runs `setup` first, so a fresh machine needs nothing installed by
 //! hand. xtask itself depends on nothing that needs the eBPF toolchain, so it builds before
@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "xtask", about = "Build, demo and test tasks of the limiter")]
+#[command(name = "xtask", about = "Build, demo, test and benchmark tasks of the limiter")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -28,6 +28,12 @@ enum Task {
     Demo,
     /// Run the unit tests, then the privileged integration tests (needs root).
     Test,
+    /// Run the benchmarks (needs root) and write target/bench/report.json and
+    /// docs/BENCHMARKS.md. Arguments after `--` go to limiter-bench, such as `--quick`.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +54,13 @@ fn main() -> anyhow::Result<()> {
         Task::Test => {
             setup::setup()?;
             test()
+        }
+        Task::Bench { args } => {
+            setup::setup()?;
+            // The fleet benchmark starts real agents from target/release/limiter.
+            build()?;
+            require_root("the benchmarks load XDP programs, create network namespaces and pin maps")?;
+            run(Command::new("cargo").args(["run", "--release", "--quiet", "-p", "limiter-bench", "--"]).args(&args))
         }
     }
 }
