@@ -392,7 +392,11 @@ async fn sync_group(
     let mut all_shares = Vec::with_capacity(chunk.len());
     let mut leases = Vec::with_capacity(chunk.len());
     for (pending, counts) in chunk.iter().zip(&reply.counts) {
-        let own_rate = pending.offered_total.saturating_mul(1_000_000) / pending.full_span_us.max(1);
+        // Per tick span, not the key's: a key idle for seconds got its new packets within
+        // the last tick, and spreading them over the idle time would shrink its share to
+        // nothing. After an outage this overstates the rate for one tick, which the pace
+        // cap and the local floor bound.
+        let own_rate = pending.offered_total.saturating_mul(1_000_000) / timing.span_us.max(1);
         let budget = gateway_budget(&pending.rule, counts, &reply, timing, own_rate, pending.local_estimate);
         let mut shares = vec![0u64; cpus];
         split_by_demand(budget, &pending.offered_delta, &mut shares);
