@@ -167,12 +167,19 @@ impl Drop for PinDir {
 pub struct RedisServer {
     pub port: u16,
     child: Child,
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra redis-server arguments, such as `--requirepass`.
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let port = free_port();
-        let server = Self { port, child: spawn_redis(port) };
+        let extra_args: Vec<String> = extra_args.iter().map(|arg| (*arg).to_owned()).collect();
+        let server = Self { port, child: spawn_redis(port, &extra_args), extra_args };
         server.wait_ready();
         server
     }
@@ -185,12 +192,16 @@ impl RedisServer {
 
     /// Starts a new, empty server on the same port after `stop`.
     pub fn restart(&mut self) {
-        self.child = spawn_redis(self.port);
+        self.child = spawn_redis(self.port, &self.extra_args);
         self.wait_ready();
     }
 
     fn wait_ready(&self) {
-        wait_until("redis-server to answer PING", Duration::from_secs(10), || self.command("PING").contains("PONG"));
+        // An unauthenticated PING gets NOAUTH from a server with a password: it answers.
+        wait_until("redis-server to answer PING", Duration::from_secs(10), || {
+            let reply = self.command("PING");
+            reply.contains("PONG") || reply.contains("NOAUTH")
+        });
     }
 
     pub fn url(&self) -> String {
@@ -213,9 +224,10 @@ impl RedisServer {
 }
 
 /// Starts a redis-server on `port` of 127.0.0.1 without persistence.
-fn spawn_redis(port: u16) -> Child {
+fn spawn_redis(port: u16, extra_args: &[String]) -> Child {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(extra_args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
