@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub node_id: String,
     pub max_keys: u32,
     pub redis_timeout: Duration,
+    /// Replace an XDP program the limiter did not attach.
+    pub force: bool,
 }
 
 /// State shared by the tick loop and the control socket.
@@ -56,11 +58,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Runs the agent until it receives SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let AgentConfig { iface, mode, redis_urls, redis_cluster, sync_interval, node_id, max_keys, redis_timeout } =
+    let AgentConfig { iface, mode, redis_urls, redis_cluster, sync_interval, node_id, max_keys, redis_timeout, force } =
         config.clone();
 
     // Step 1: attach the program, or adopt the one pinned by an earlier run.
-    let attachment = datapath::attach(&iface, mode, max_keys)?;
+    let attachment = datapath::attach(&iface, mode, max_keys, force)?;
     let maps = Maps::open(&iface)?;
     let mut rules = RuleTable::load(&maps)?;
     rules.set_sync_interval(sync_interval);

@@ -88,11 +88,47 @@ pub fn interface_index(iface: &str) -> anyhow::Result<u32> {
     Ok(index)
 }
 
+/// Returns "id N (name)" for each XDP program attached to `iface`, from `ip -json link`,
+/// which lists programs attached through netlink as well as through BPF links.
+pub fn attached_xdp_programs(iface: &str) -> anyhow::Result<Vec<String>> {
+    let output = std::process::Command::new("ip")
+        .args(["-json", "-details", "link", "show", "dev", iface])
+        .output()
+        .context("failed to run `ip` (iproute2) to look for XDP programs already attached")?;
+    if !output.status.success() {
+        bail!("`ip link show dev {iface}` failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    let links: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("`ip -json link show` printed invalid JSON")?;
+    let xdp = &links[0]["xdp"];
+    let mut programs: Vec<&serde_json::Value> = xdp["attached"].as_array().map(|list| list.iter().collect()).unwrap_or_default();
+    if programs.is_empty() && !xdp.is_null() {
+        programs.push(xdp);
+    }
+    Ok(programs
+        .iter()
+        .filter_map(|entry| {
+            let program = &entry["prog"];
+            let id = program["id"].as_u64()?;
+            Some(format!("id {id} ({})", program["name"].as_str().unwrap_or("unnamed")))
+        })
+        .collect())
+}
+
+/// Removes XDP programs attached to `iface` through netlink, in every mode. Programs held by
+/// a BPF link stay: only their owner can detach them.
+fn remove_netlink_xdp(iface: &str) {
+    for mode in ["xdpgeneric", "xdpdrv"] {
+        let _ = std::process::Command::new("ip").args(["link", "set", "dev", iface, mode, "off"]).output();
+    }
+}
+
 /// Attaches the program to `iface` and pins it, or adopts an attachment pinned earlier.
 ///
 /// `max_keys` sizes the counter and grant maps when they are created; pinned maps keep the
-/// size they were created with.
-pub fn attach(iface: &str, mode: AttachMode, max_keys: u32) -> anyhow::Result<Attachment> {
+/// size they were created with. An XDP program that the limiter did not attach is left
+/// alone unless `force` is set, which removes it first if it was attached through netlink.
+pub fn attach(iface: &str, mode: AttachMode, max_keys: u32, force: bool) -> anyhow::Result<Attachment> {
     interface_index(iface)?;
     let dir = pin_dir(iface);
     let link_path = dir.join(LINK_PIN);
@@ -112,11 +148,31 @@ pub fn attach(iface: &str, mode: AttachMode, max_keys: u32) -> anyhow::Result<At
         }
     }
 
-    // Step 2: load the object, creating the maps or reusing those pinned in `dir`.
+    // Step 2: leave another XDP program alone, unless told to replace it.
+    let foreign = attached_xdp_programs(iface)?;
+    if !foreign.is_empty() {
+        if !force {
+            bail!(
+                "interface {iface} already has an XDP program the limiter did not attach: {}; pass --force to replace it",
+                foreign.join(", ")
+            );
+        }
+        warn!(iface, programs = foreign.join(", "), "removing the XDP program already attached (--force)");
+        remove_netlink_xdp(iface);
+        let remaining = attached_xdp_programs(iface)?;
+        if !remaining.is_empty() {
+            bail!(
+                "failed to remove the XDP program on {iface} ({}): it is held by a BPF link, so only the process or pin that owns it can detach it",
+                remaining.join(", ")
+            );
+        }
+    }
+
+    // Step 3: load the object, creating the maps or reusing those pinned in `dir`.
     let mut ebpf = load(&dir, max_keys)?;
     let program = xdp_program(&mut ebpf)?;
 
-    // Step 3: attach in the requested mode, falling back from native to skb under `auto`.
+    // Step 4: attach in the requested mode, falling back from native to skb under `auto`.
     let (link_id, attachment) = match mode {
         AttachMode::Native => {
             let link = program.attach(iface, XdpMode::Driver).map_err(|error| native_refused(iface, error))?;
@@ -134,7 +190,7 @@ pub fn attach(iface: &str, mode: AttachMode, max_keys: u32) -> anyhow::Result<At
         },
     };
 
-    // Step 4: pin the link, so the program outlives this process.
+    // Step 5: pin the link, so the program outlives this process.
     let link = program.take_link(link_id)?;
     let fd_link = FdLink::try_from(link).context(
         "the kernel attached XDP through netlink instead of a BPF link, which cannot be pinned: Linux 5.9 or later is needed",

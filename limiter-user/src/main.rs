@@ -33,6 +33,9 @@ enum Command {
         /// Keys tracked at once (size of the counter and grant maps).
         #[arg(long, default_value_t = limiter_common::DEFAULT_MAX_KEYS, value_parser = clap::value_parser!(u32).range(1..))]
         max_keys: u32,
+        /// Replace an XDP program already on the interface that the limiter did not attach.
+        #[arg(long)]
+        force: bool,
     },
     /// Detach the program and remove its pinned maps.
     Detach {
@@ -92,6 +95,9 @@ struct AgentArgs {
     /// Longest wait for one Redis reply before the tick carries on without it.
     #[arg(long, default_value = "50ms", value_parser = parse_interval)]
     redis_timeout: Duration,
+    /// Replace an XDP program already on the interface that the limiter did not attach.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -195,7 +201,8 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Agent(args) => {
-            let AgentArgs { iface, mode, redis, redis_cluster, sync_interval, node_id, max_keys, redis_timeout } = args;
+            let AgentArgs { iface, mode, redis, redis_cluster, sync_interval, node_id, max_keys, redis_timeout, force } =
+                args;
             let node_id = match node_id {
                 Some(node_id) => node_id,
                 None => host_name().context("failed to read the host name: pass --node-id NAME")?,
@@ -216,11 +223,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 node_id,
                 max_keys,
                 redis_timeout,
+                force,
             })
             .await
         }
-        Command::Attach { iface, mode, max_keys } => {
-            let attachment = datapath::attach(&iface.iface, mode, max_keys)?;
+        Command::Attach { iface, mode, max_keys, force } => {
+            let attachment = datapath::attach(&iface.iface, mode, max_keys, force)?;
             println!("attached to {} ({attachment})", iface.iface);
             Ok(())
         }

@@ -56,3 +56,38 @@ fn attach_falls_back_and_is_idempotent() {
     assert!(ok, "second detach failed");
     assert!(stdout.contains("nothing attached"), "second detach output: {stdout}");
 }
+
+#[test]
+fn attach_refuses_foreign_program() {
+    let netns = Netns::new();
+    let subnet = unique_subnet();
+    let veth = VethPair::new(&netns, subnet_addr(subnet, 1), &[subnet_addr(subnet, 10)]);
+    let iface = veth.host.as_str();
+
+    // Another XDP program on the interface, held by a BPF link of this test process.
+    let pin_dir = limiter_tests::PinDir::new();
+    let mut foreign = limiter_user::datapath::load(&pin_dir.path, 1024).expect("load a program to attach");
+    limiter_user::datapath::xdp_program(&mut foreign)
+        .expect("find the XDP program")
+        .attach(iface, aya::programs::XdpMode::Skb)
+        .expect("attach the foreign program");
+    let foreign_id = xdp_program_id(iface).expect("the foreign program is attached");
+
+    let (ok, _, stderr) = limiter(&["attach", "--iface", iface]);
+    assert!(!ok, "attach over a foreign program succeeded");
+    assert!(stderr.contains("already has an XDP program"), "refusal names the cause: {stderr}");
+    assert!(stderr.contains(&format!("id {foreign_id}")), "refusal names the program: {stderr}");
+    assert!(stderr.contains("--force"), "refusal says how to override: {stderr}");
+
+    let (ok, _, stderr) = limiter(&["attach", "--iface", iface, "--force"]);
+    assert!(!ok, "--force removed a program held by a BPF link");
+    assert!(stderr.contains("held by a BPF link"), "--force explains why it cannot: {stderr}");
+    assert_eq!(xdp_program_id(iface), Some(foreign_id), "the foreign program must stay");
+
+    // Once its owner lets go, the interface is free again.
+    drop(foreign);
+    let (ok, _, stderr) = limiter(&["attach", "--iface", iface]);
+    assert!(ok, "attach after the foreign program left failed: {stderr}");
+    let (ok, _, _) = limiter(&["detach", "--iface", iface]);
+    assert!(ok, "detach failed");
+}
