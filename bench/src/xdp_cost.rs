@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::{Ebpf, EbpfLoader, maps::PerCpuValues, programs::Xdp};
-use limiter_common::{FAMILY_IPV4, FlowKey, Grant, IPPROTO_UDP, Rule, RuleMatch};
+use limiter_common::{FAMILY_IPV4, FlowKey, Grant, IPPROTO_UDP, Rule, RuleIndex, RuleMatch};
 use limiter_tests::{
     PinDir,
     test_run::{Frame, TestRunOutput, run_xdp},
@@ -161,9 +161,10 @@ fn measure(scale: &Scale) -> anyhow::Result<XdpCost> {
     let hot_key_kernel_max_ns = extreme(&kernel, f64::max);
 
     // Step 2: the same hot key under a rule for exactly its traffic, UDP port 53, which the
-    // program finds at its first rule lookup instead of its third. Same rule id, so the
+    // program finds at its first rule lookup. Same rule id, so the
     // key and its grant stay the same.
     let specific = RuleMatch::new(IPPROTO_UDP, 53);
+    write_rule_index(&mut maps, RuleIndex { port_rules: 1, any_rules: 1, valid: 1, ..RuleIndex::default() })?;
     maps.rules
         .insert(specific, limiter_rule(), 0)
         .context("failed to insert the UDP port 53 rule")?;
@@ -176,6 +177,7 @@ fn measure(scale: &Scale) -> anyhow::Result<XdpCost> {
     maps.rules
         .remove(&specific)
         .context("failed to remove the UDP port 53 rule")?;
+    write_rule_index(&mut maps, RuleIndex { any_rules: 1, valid: 1, ..RuleIndex::default() })?;
     let hot_key_first_lookup_kernel_ns = median(&specific_kernel);
 
     // Step 3: grants for every distinct key, as the agent would have written them.
@@ -288,6 +290,9 @@ fn load_limiter() -> anyhow::Result<(Loaded, Maps)> {
     let pins = PinDir::new();
     let ebpf = datapath::load(&pins.path, MAX_KEYS)?;
     let mut maps = Maps::open_dir(&pins.path)?;
+    // The rule index, as `limiter limit add` writes it, so the program skips the lookups
+    // that cannot find a rule, as in production.
+    write_rule_index(&mut maps, RuleIndex { any_rules: 1, valid: 1, ..RuleIndex::default() })?;
     maps.rules
         .insert(RuleMatch::new(0, 0), limiter_rule(), 0)
         .context("failed to insert the benchmark rule")?;
@@ -299,6 +304,10 @@ fn load_limiter() -> anyhow::Result<(Loaded, Maps)> {
         },
         maps,
     ))
+}
+
+fn write_rule_index(maps: &mut Maps, index: RuleIndex) -> anyhow::Result<()> {
+    maps.rule_index.set(0, index, 0).context("failed to write the RULE_INDEX map")
 }
 
 /// Returns rule 1: sources keyed by /32, with limits no benchmark reaches.

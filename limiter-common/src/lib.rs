@@ -19,6 +19,7 @@ pub mod map_names {
     pub const GRANTS: &str = "GRANTS";
     pub const STATS: &str = "STATS";
     pub const AGENT: &str = "AGENT";
+    pub const RULE_INDEX: &str = "RULE_INDEX";
 }
 
 /// Maximum number of rules the `RULES` map holds.
@@ -129,6 +130,27 @@ pub struct SlidingWindow {
     pub window_id: u64,
     pub current: u64,
     pub previous: u64,
+}
+
+/// How many rules of each kind `RULES` has, the single entry of the `RULE_INDEX` array. The
+/// program skips the lookups that cannot find a rule: a packet under a rule for all traffic
+/// would otherwise miss two hash lookups first.
+///
+/// Writers keep it an over-count while rules change (raised before a rule is added, lowered
+/// after one is removed), so a lookup is never skipped for a rule that exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RuleIndex {
+    /// Rules for a protocol and a destination port.
+    pub port_rules: u32,
+    /// Rules for a protocol and any port.
+    pub protocol_rules: u32,
+    /// Rules for any traffic (0 or 1).
+    pub any_rules: u32,
+    /// 1 once a writer that maintains the index has written it. While 0, as in maps written
+    /// by other tools, the program does every lookup.
+    pub valid: u32,
 }
 
 /// Liveness of the agent, the single entry of the `AGENT` array, written every tick while
@@ -263,6 +285,7 @@ mod pod {
     unsafe impl aya::Pod for super::KeyCounter {}
     unsafe impl aya::Pod for super::Grant {}
     unsafe impl aya::Pod for super::AgentHeartbeat {}
+    unsafe impl aya::Pod for super::RuleIndex {}
 }
 
 #[cfg(test)]
@@ -275,6 +298,7 @@ mod tests {
         assert_eq!(size_of::<RuleMatch>(), 4);
         assert_eq!(size_of::<Rule>(), 40);
         assert_eq!(size_of::<AgentHeartbeat>(), 8);
+        assert_eq!(size_of::<RuleIndex>(), 16);
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<SlidingWindow>(), 24);
         assert_eq!(size_of::<KeyCounter>(), 40);

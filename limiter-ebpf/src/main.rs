@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     AgentHeartbeat, DEFAULT_MAX_KEYS, FAMILY_IPV4, FlowKey, Grant, KeyCounter, MAX_RULES, REASON_COUNT,
-    Reason, Rule, RuleMatch, STORE_DOWN_CLOSED, STORE_DOWN_OPEN, window,
+    Reason, Rule, RuleIndex, RuleMatch, STORE_DOWN_CLOSED, STORE_DOWN_OPEN, window,
 };
 use parse::{Packet, parse_packet};
 
@@ -35,6 +35,10 @@ static COUNTERS: LruPerCpuHashMap<FlowKey, KeyCounter> = LruPerCpuHashMap::pinne
 /// Per-CPU grants the agent computes from fleet-wide counts each tick.
 #[map]
 static GRANTS: LruPerCpuHashMap<FlowKey, Grant> = LruPerCpuHashMap::pinned(DEFAULT_MAX_KEYS, 0);
+
+/// How many rules of each kind exist, so lookups that cannot hit are skipped.
+#[map]
+static RULE_INDEX: Array<RuleIndex> = Array::pinned(1, 0);
 
 /// The agent's heartbeat: whether new keys can expect a grant soon.
 #[map]
@@ -132,12 +136,20 @@ fn agent_granting(now: u64) -> bool {
 /// port), then (any protocol, any port).
 #[inline(always)]
 fn find_rule(packet: &Packet) -> Option<Rule> {
+    // Without a valid index, every kind may exist.
+    let (port_rules, protocol_rules, any_rules) = match RULE_INDEX.get(0) {
+        Some(index) if index.valid != 0 => (index.port_rules != 0, index.protocol_rules != 0, index.any_rules != 0),
+        _ => (true, true, true),
+    };
     let candidates = [
-        RuleMatch::new(packet.protocol, packet.dst_port),
-        RuleMatch::new(packet.protocol, 0),
-        RuleMatch::new(0, 0),
+        (port_rules && packet.dst_port != 0, RuleMatch::new(packet.protocol, packet.dst_port)),
+        (protocol_rules, RuleMatch::new(packet.protocol, 0)),
+        (any_rules, RuleMatch::new(0, 0)),
     ];
-    for candidate in candidates {
+    for (may_exist, candidate) in candidates {
+        if !may_exist {
+            continue;
+        }
         // SAFETY: rules are read-only to the program; a copy is taken at once.
         if let Some(rule) = unsafe { RULES.get(&candidate) } {
             return Some(*rule);

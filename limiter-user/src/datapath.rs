@@ -20,7 +20,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use limiter_common::{AgentHeartbeat, FlowKey, Grant, KeyCounter, Rule, RuleMatch, map_names};
+use limiter_common::{AgentHeartbeat, FlowKey, Grant, KeyCounter, Rule, RuleIndex, RuleMatch, map_names};
 use tracing::{info, warn};
 
 /// The XDP object, built by `build.rs` from the `limiter-ebpf` crate.
@@ -276,7 +276,15 @@ pub fn remove_pins(dir: &Path) -> anyhow::Result<bool> {
     }
     // Removing the link pin drops the last reference to the link, which detaches the
     // program. Only the names this program pins are removed, nothing else in the folder.
-    for name in [LINK_PIN, map_names::RULES, map_names::COUNTERS, map_names::GRANTS, map_names::STATS, map_names::AGENT] {
+    for name in [
+        LINK_PIN,
+        map_names::RULES,
+        map_names::COUNTERS,
+        map_names::GRANTS,
+        map_names::STATS,
+        map_names::AGENT,
+        map_names::RULE_INDEX,
+    ] {
         let path = dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -297,6 +305,7 @@ pub struct Maps {
     pub grants: PerCpuHashMap<MapData, FlowKey, Grant>,
     pub stats: PerCpuArray<MapData, u64>,
     pub agent: Array<MapData, AgentHeartbeat>,
+    pub rule_index: Array<MapData, RuleIndex>,
 }
 
 impl Maps {
@@ -320,6 +329,7 @@ impl Maps {
             grants: open_pinned(dir, map_names::GRANTS)?.try_into()?,
             stats: open_pinned(dir, map_names::STATS)?.try_into()?,
             agent: open_pinned(dir, map_names::AGENT)?.try_into()?,
+            rule_index: open_pinned(dir, map_names::RULE_INDEX)?.try_into()?,
         })
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context as _, bail};
-use limiter_common::{FlowKey, MAX_RULES, Rule, RuleMatch};
+use limiter_common::{FlowKey, MAX_RULES, Rule, RuleIndex, RuleMatch};
 
 use crate::{
     control::RuleView,
@@ -52,8 +52,12 @@ impl RuleTable {
             }
         };
         let rule = spec.to_rule(id, self.gateways, self.sync_interval);
+        // The index counts the new rule before the program can find it.
+        let mut after = self.rules.clone();
+        after.insert(rule_match, rule);
+        write_index(&after, maps)?;
         maps.rules.insert(rule_match, rule, 0).context("failed to write the RULES map")?;
-        self.rules.insert(rule_match, rule);
+        self.rules = after;
         Ok(self.view(&rule_match, &rule))
     }
 
@@ -64,6 +68,8 @@ impl RuleTable {
         };
         maps.rules.remove(&rule_match).context("failed to remove the rule from the RULES map")?;
         self.rules.remove(&rule_match);
+        // Lowered only after the rule is gone, so no lookup for it is skipped meanwhile.
+        write_index(&self.rules, maps)?;
 
         let keys: Vec<FlowKey> =
             maps.counters.keys().filter_map(Result::ok).filter(|key| key.rule_id == id).collect();
@@ -104,6 +110,19 @@ impl RuleTable {
     fn next_id(&self) -> u32 {
         self.rules.values().map(|rule| rule.id).max().map_or(1, |id| id + 1)
     }
+}
+
+/// Writes the count of each kind of rule in `rules` to the `RULE_INDEX` map.
+fn write_index(rules: &BTreeMap<RuleMatch, Rule>, maps: &mut Maps) -> anyhow::Result<()> {
+    let mut index = RuleIndex { valid: 1, ..Default::default() };
+    for rule_match in rules.keys() {
+        match (rule_match.protocol, rule_match.dst_port) {
+            (0, _) => index.any_rules += 1,
+            (_, 0) => index.protocol_rules += 1,
+            _ => index.port_rules += 1,
+        }
+    }
+    maps.rule_index.set(0, index, 0).context("failed to write the RULE_INDEX map")
 }
 
 impl RuleTable {

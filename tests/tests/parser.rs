@@ -860,3 +860,42 @@ fn store_down_local_enforces_fallback() {
     let reasons = run_with_expired_grant(limiter_common::STORE_DOWN_LOCAL, 10);
     assert_eq!(reasons, vec![(Reason::Passed.name(), 4), (Reason::DroppedLocalLimit.name(), 6)]);
 }
+
+#[test]
+fn rule_index_keeps_every_rule_found() {
+    use limiter_user::{rule_table::RuleTable, rules::{Protocol, RuleSpec, StoreDownPolicy}};
+
+    let mut datapath = Datapath::load();
+    let spec = |protocol: Protocol, port: Option<u16>| RuleSpec {
+        protocol,
+        port,
+        rate: HIGH_LIMIT,
+        window_ms: 1000,
+        ipv4_prefix_len: 32,
+        ipv6_prefix_len: 128,
+        per_port: false,
+        store_down: StoreDownPolicy::Local,
+    };
+    // Through the rule table, as `limiter limit add` does, which keeps RULE_INDEX.
+    let mut table = RuleTable::load(&datapath.maps).expect("read RULES");
+    let dns = table.add(&spec(Protocol::Udp, Some(DNS_PORT)), &mut datapath.maps).expect("add the DNS rule");
+    let any = table.add(&spec(Protocol::Any, None), &mut datapath.maps).expect("add the rule for all traffic");
+    let index = datapath.maps.rule_index.get(&0, 0).expect("read RULE_INDEX");
+    assert_eq!((index.port_rules, index.protocol_rules, index.any_rules, index.valid), (1, 0, 1, 1));
+
+    // The DNS packet finds the port rule; another port skips the empty protocol kind and
+    // finds the rule for all traffic.
+    datapath.run(&dns_over_ipv4().build());
+    datapath.run(&Frame::ipv4(SRC4, DST4).udp(SRC_PORT, HTTPS_PORT).build());
+    let mut rule_ids: Vec<u32> = datapath.keys().iter().map(|key| key.rule_id).collect();
+    rule_ids.sort();
+    assert_eq!(rule_ids, vec![dns.id, any.id]);
+
+    // After the port rule is removed, DNS falls to the rule for all traffic.
+    table.remove(dns.id, &mut datapath.maps).expect("remove the DNS rule");
+    let index = datapath.maps.rule_index.get(&0, 0).expect("read RULE_INDEX");
+    assert_eq!((index.port_rules, index.any_rules), (0, 1));
+    let before = datapath.reason_counts();
+    datapath.run(&dns_over_ipv4().build());
+    assert_eq!(counted_reasons(&before, &datapath.reason_counts()), vec![(Reason::Passed.name(), 1)]);
+}
