@@ -88,8 +88,8 @@ pub struct Rule {
     pub ipv6_prefix_len: u8,
     /// 1 when each destination port of a source is limited separately, else 0.
     pub key_by_dst_port: u8,
-    /// What a key without a valid grant gets while the fleet is out of reach: one of the
-    /// `STORE_DOWN_*` values.
+    /// Store-down policy for keys without a valid grant while the fleet is out of reach:
+    /// one of the `STORE_DOWN_*` values.
     pub store_down_policy: u8,
     /// Packets each key may pass per window, fleet-wide.
     pub limit: u64,

@@ -2,7 +2,7 @@
 //! with the fleet every sync interval until SIGINT or SIGTERM.
 //!
 //! The packet path never waits for the agent: if Redis is slow or gone, grants expire and the
-//! program enforces each rule's fallback limit until the agent reaches Redis again.
+//! program applies each rule's store-down policy until the agent reaches Redis again.
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -94,7 +94,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let socket_path = control::socket_path(&iface);
     let server = tokio::spawn(serve_control(listener, shared.clone()));
 
-    // Step 3: reconcile every interval until told to stop.
+    // Step 3: reconcile every interval until SIGINT or SIGTERM.
     let adopted = matches!(lock(&shared.status).attachment, datapath::Attachment::Adopted);
     let result = tick_loop(&config, &store, shared, cpus, adopted).await;
 
@@ -206,9 +206,9 @@ fn bind_control_socket(iface: &str) -> anyhow::Result<UnixListener> {
     std::fs::create_dir_all(control::SOCKET_DIR)
         .with_context(|| format!("failed to create {}", control::SOCKET_DIR))?;
     if path.exists() {
-        // A live agent would answer; a socket nobody listens on is left by a crash.
+        // A live agent accepts the connection. A socket without a listener is left by a crash.
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            anyhow::bail!("another agent is already running on {iface} ({} answers): stop it first", path.display());
+            anyhow::bail!("another agent is already running on {iface} ({} accepts connections): stop it first", path.display());
         }
         std::fs::remove_file(&path).with_context(|| format!("failed to remove stale socket {}", path.display()))?;
     }

@@ -34,7 +34,7 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/limiter";
 
 const LINK_PIN: &str = "link";
 
-/// How the operator asked for the program to be attached.
+/// Attach mode the operator requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
@@ -47,7 +47,7 @@ pub enum AttachMode {
     Skb,
 }
 
-/// How the program ended up attached.
+/// Mode the program ended up attached in.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attachment {
@@ -148,7 +148,7 @@ pub fn attach(iface: &str, mode: AttachMode, max_keys: u32, force: bool) -> anyh
         }
     }
 
-    // Step 2: leave another XDP program alone, unless told to replace it.
+    // Step 2: leave another XDP program alone, unless --force asks to replace it.
     let foreign = attached_xdp_programs(iface)?;
     if !foreign.is_empty() {
         if !force {
@@ -183,7 +183,7 @@ pub fn attach(iface: &str, mode: AttachMode, max_keys: u32, force: bool) -> anyh
             Ok(link) => (link, Attachment::Native),
             Err(native_error) => {
                 let native_error = format!("{:#}", native_refused(iface, native_error));
-                warn!(iface, error = %native_error, "native XDP refused, attaching in skb mode");
+                warn!(iface, error = %native_error, "native XDP rejected, attaching in skb mode");
                 let link = program.attach(iface, XdpMode::Skb).with_context(|| attach_failed(iface, "skb"))?;
                 (link, Attachment::SkbFallback { native_error })
             }

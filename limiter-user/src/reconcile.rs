@@ -324,8 +324,8 @@ impl Reconciler {
             Some(read_at) => (now_local.saturating_sub(read_at) / 1000).max(1),
             None => tick_span_us,
         };
-        // A key out of sync for more than two ticks passed packets that the store never saw
-        // for a while; the floor covers the window in which they still count.
+        // A key out of sync for more than two ticks passed packets that the store never saw.
+        // The floor covers the window in which they still count.
         if full_span_us > 2 * self.interval_us {
             history.local_floor_until_ns = now_local.saturating_add(rule.window_ns);
         }
@@ -517,7 +517,7 @@ mod tests {
 
     #[test]
     fn gateway_budget_never_below_local_passes() {
-        // Redis restarted empty knows nothing, but this gateway passed 950 in the window.
+        // Redis restarted empty has no counts, but this gateway passed 950 in the window.
         let counts = FleetCounts::default();
         assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 950), 50);
     }
