@@ -188,7 +188,9 @@ fn parse_ipv6(ctx: &XdpContext, cursor: &mut Cursor) -> Result<Packet, Reason> {
                 let (next, offset_and_flags) =
                     unsafe { ((*fragment).next_header, u16::from_be_bytes((*fragment).offset_and_flags)) };
                 next_header = next;
-                first_fragment = offset_and_flags >> 3 == 0;
+                // Any later fragment header makes the packet a later fragment: a second header
+                // with offset 0 must not let its payload be read as a transport header.
+                first_fragment &= offset_and_flags >> 3 == 0;
                 cursor.offset += size_of::<Ipv6Fragment>();
             }
             _ => break,
