@@ -11,7 +11,7 @@
 //!
 //! Naive: `NAIVE_SCRIPT` below, called with EVALSHA once per packet by concurrent clients,
 //! each on its own connection and waiting for each reply before sending the next call, as a
-//! gateway thread that asks Redis before passing a packet would.
+//! gateway thread that queries Redis before passing a packet would.
 //!
 //! Commands per million packets: each active key is assumed to see 100 packets per tick, so
 //! one tick of 10,000 keys covers 1,000,000 packets. The counts come from INFO commandstats,

@@ -32,7 +32,7 @@ const INTERVAL: Duration = Duration::from_millis(100);
 /// Maximum wait for each store call of a tick. The agent's default is 50 ms, under which the
 /// largest ticks here would time out instead of being measured.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Packets each key sees between the two ticks.
+/// Packets each key receives between the two ticks.
 const PACKETS_PER_TICK: u64 = 100;
 
 #[derive(Clone, Debug, Serialize)]

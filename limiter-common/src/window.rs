@@ -117,6 +117,13 @@ impl SlidingWindow {
         later.estimate(elapsed_in_window(at, window_len), window_len)
     }
 
+    /// Counts one packet at time `now`, without a limit.
+    #[inline(always)]
+    pub fn count(&mut self, now: u64, window_len: u64) {
+        self.advance(window_id(now, window_len));
+        self.current = self.current.saturating_add(1);
+    }
+
     /// Counts one packet at time `now` if the estimate is below `limit`, and returns whether
     /// it was counted. This is the whole per-packet decision of the fallback path.
     #[inline(always)]
@@ -125,7 +132,7 @@ impl SlidingWindow {
         if self.estimate(elapsed_in_window(now, window_len), window_len) >= limit {
             return false;
         }
-        self.current = self.current.saturating_add(1);
+        self.count(now, window_len);
         true
     }
 }

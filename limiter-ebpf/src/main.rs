@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     AgentHeartbeat, DEFAULT_MAX_KEYS, FAMILY_IPV4, FlowKey, Grant, KeyCounter, MAX_RULES, REASON_COUNT,
-    Reason, Rule, RuleIndex, RuleMatch, STORE_DOWN_CLOSED, STORE_DOWN_OPEN, window,
+    Reason, Rule, RuleIndex, RuleMatch, STORE_DOWN_CLOSED, STORE_DOWN_OPEN,
 };
 use parse::{Packet, parse_packet};
 
@@ -90,8 +90,7 @@ fn limit_packet(packet: &Packet) -> Reason {
             if admitted {
                 // Keep the fallback window current, so an expired grant does not open a
                 // fresh window on top of what the grant already admitted.
-                counter.fallback_window.advance(window::window_id(now, rule.window_ns));
-                counter.fallback_window.current += 1;
+                counter.fallback_window.count(now, rule.window_ns);
             }
             (admitted, Reason::DroppedGlobalLimit)
         }

@@ -142,6 +142,8 @@ fn parse_ipv4(ctx: &XdpContext, cursor: &mut Cursor) -> Result<Packet, Reason> {
 
     let fragment_offset = fragment & 0x1fff;
     if fragment_offset == 0 {
+        // NOTE: the transport header is checked against the frame, not against the total
+        // length, so a header in Ethernet padding past the IPv4 packet still gives a port.
         packet.dst_port = parse_dst_port(ctx, cursor, protocol)?;
     }
     Ok(packet)

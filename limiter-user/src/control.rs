@@ -1,7 +1,7 @@
 //! The agent's control socket: one JSON request per line, one JSON response per line.
 //!
 //! The socket is `/run/limiter/<iface>.sock`, mode 0600, and the agent also checks that each
-//! peer runs as root, because whoever talks to it can lift any limit.
+//! peer runs as root, because a peer on it can lift any limit.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,7 +20,7 @@ use crate::{datapath::Attachment, reconcile::TickReport, rules::RuleSpec};
 /// Folder of the agents' control sockets.
 pub const SOCKET_DIR: &str = "/run/limiter";
 
-/// Longest request line the agent reads; anything longer is rejected.
+/// Maximum length of the requests on one connection, in bytes. Longer input is rejected.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Returns the control socket path of the agent on `iface`.
@@ -62,7 +62,7 @@ pub struct RuleView {
     pub max_over_admission: u64,
 }
 
-/// What `limiter status` reports about a running agent.
+/// State of a running agent, as `limiter status` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentStatus {
     pub iface: String,
@@ -110,7 +110,7 @@ pub async fn request(iface: &str, request: &Request) -> anyhow::Result<Response>
     let mut reader = BufReader::new(reader);
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut response))
         .await
-        .context("the agent did not answer within 10 s: check its log")??;
+        .context("the agent did not respond within 10 s: check its log")??;
     if response.is_empty() {
         bail!("the agent closed the connection without a response: check its log");
     }

@@ -148,7 +148,7 @@ pub fn attach(iface: &str, mode: AttachMode, max_keys: u32, force: bool) -> anyh
         }
     }
 
-    // Step 2: leave another XDP program alone, unless --force asks to replace it.
+    // Step 2: leave another XDP program alone, unless --force is given.
     let foreign = attached_xdp_programs(iface)?;
     if !foreign.is_empty() {
         if !force {

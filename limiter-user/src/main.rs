@@ -92,7 +92,7 @@ struct AgentArgs {
     /// Keys tracked at once (size of the counter and grant maps).
     #[arg(long, default_value_t = limiter_common::DEFAULT_MAX_KEYS, value_parser = clap::value_parser!(u32).range(1..))]
     max_keys: u32,
-    /// Longest wait for one Redis reply before the tick carries on without it.
+    /// Maximum wait for one Redis reply before the tick carries on without it.
     #[arg(long, default_value = "50ms", value_parser = parse_interval)]
     redis_timeout: Duration,
     /// Replace an XDP program already on the interface that the limiter did not attach.
@@ -147,7 +147,7 @@ struct LimitAddArgs {
     /// Limit each destination port of a source separately.
     #[arg(long)]
     per_port: bool,
-    /// What keys get while Redis or the agent is out of reach: local (the limit divided by
+    /// Policy for keys while Redis or the agent is out of reach: local (the limit divided by
     /// the gateways last seen), open (pass) or closed (drop).
     #[arg(long, value_enum, default_value_t = StoreDownPolicy::Local)]
     store_down: StoreDownPolicy,

@@ -4,7 +4,7 @@
 //! For each key, the budget the fleet may still pass by the next tick is the limit minus the
 //! sliding-window estimate at that time, minus what the other gateways' outstanding grants
 //! (their leases) still allow. This gateway takes a share of it in proportion to its offered
-//! rate against the other gateways' recent rates, and records the grant as its own lease at
+//! rate against the other gateways' recent rates. It records the grant as its own lease at
 //! once, so the gateways that tick after it do not hand out the same packets again. The
 //! grant is split over CPUs and written as a ceiling on each CPU's `passed` counter that
 //! expires after a few ticks, so a gateway whose agent stops falls back to the rule's
@@ -174,6 +174,8 @@ impl Reconciler {
     ///
     /// Keys whose sync call failed keep their old baseline, so their packets are sent again
     /// with the next tick's delta and none is lost.
+    // NOTE: a call that timed out after Redis applied it is sent again too, so its delta is
+    // counted twice. Applying deltas at most once needs a per-gateway sequence in sync.lua.
     pub async fn tick(&mut self, maps: &std::sync::Mutex<Maps>, rules: &HashMap<u32, Rule>) -> TickReport {
         let mut report = TickReport::default();
 

@@ -177,8 +177,8 @@ pub fn parse_rate(text: &str) -> Result<Rate, RuleError> {
     }
 }
 
-/// What a rule's keys get while the fleet's counts are out of reach (Redis down, or the agent
-/// gone) and their grants have expired.
+/// Policy for a rule's keys while the fleet's counts are out of reach (Redis down, or the
+/// agent gone) and their grants have expired.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreDownPolicy {
@@ -318,10 +318,10 @@ pub fn fallback_limit(limit: u64, gateways: u64) -> u64 {
     limit.div_ceil(gateways.max(1))
 }
 
-/// Most of a window's limit the fleet may be granted in one tick, as a multiple of one tick's
-/// worth at the steady rate (numerator, denominator): twice the rate, so demand that moves
-/// or recovers from a dip can catch up within a few ticks, while a new key fills its first
-/// window over half of it instead of at once. At 3/2 a pair of gateways each under the
+/// Maximum the fleet may be granted for one key in one tick, as a multiple (numerator,
+/// denominator) of one tick's worth at the steady rate. Twice the rate lets demand that moves
+/// or recovers from a dip catch up within a few ticks. A new key then fills its first window
+/// over half of it instead of at once. At 3/2 a pair of gateways each under the
 /// limit lost 2-3% in tests, because every tick's budget was spent to the cap.
 pub const PACE: (u64, u64) = (2, 1);
 
@@ -338,7 +338,7 @@ pub fn pace_cap(limit: u64, window_ns: u64, interval: std::time::Duration) -> u6
 /// `interval` can pass over `limit`, once a key is past its first window.
 ///
 /// Each tick the fleet grants at most the pace cap. A gateway counts the others' grants as
-/// leases assumed spent evenly over their tick, so what another gateway already spent but
+/// leases assumed spent evenly over their tick. So what another gateway already spent but
 /// has not reported yet is counted short by up to its whole grant, until its next report
 /// corrects the estimate. Over a tick, that is at most the others' part of the pace cap. A
 /// single gateway has no one else to miss, and so no over-admission.

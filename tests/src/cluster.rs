@@ -2,14 +2,12 @@
 //! `redis-cli --cluster create`, killed and deleted on drop.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use crate::{free_port, run, unique_name, wait_until};
+use crate::{free_port, redis_command as command, run, unique_name, wait_until};
 
 /// Nodes of the cluster: three masters and three replicas.
 const NODES: usize = 6;
@@ -124,41 +122,6 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Sends one inline command to the node on `port` and returns the raw reply, or an empty
-/// string on failure.
-pub fn command(port: u16, line: &str) -> String {
-    let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
-        return String::new();
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream.write_all(format!("{line}\r\n").as_bytes()).is_err() {
-        return String::new();
-    }
-    // Replies here are small, but a bulk reply can arrive in several reads.
-    let mut reply = Vec::new();
-    let mut buffer = [0u8; 16 * 1024];
-    while let Ok(read) = stream.read(&mut buffer) {
-        if read == 0 {
-            break;
-        }
-        reply.extend_from_slice(&buffer[..read]);
-        if is_complete(&reply) {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&reply).into_owned()
-}
-
-/// Returns true when `reply` contains a whole RESP reply of the kinds these commands return.
-fn is_complete(reply: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(reply);
-    if let Some(rest) = text.strip_prefix('$') {
-        let Some((length, body)) = rest.split_once("\r\n") else { return false };
-        return length.parse::<usize>().is_ok_and(|length| body.len() >= length + 2);
-    }
-    text.ends_with("\r\n")
 }
 
 fn integer(reply: &str) -> u64 {

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     Agent, Netns, RedisServer, VethPair, free_port, subnet_addr, unique_name, unique_subnet,
-    traffic::{Receiver, Received, enter_netns, pin_to_cpu, stop_requested},
+    traffic::{Receiver, Received, send_scheduled},
 };
 
 /// Gateways, agents and the redis-server they share; everything is removed on drop.
@@ -100,50 +100,6 @@ impl Fleet {
 pub struct Schedule {
     /// (time since start, rate per gateway), in order of time; the first entry is at zero.
     pub steps: Vec<(Duration, Vec<u64>)>,
-}
-
-/// Sends from `source` at a piecewise-constant rate: the packets due by now are the integral
-/// of the schedule's rate up to now.
-fn send_scheduled(
-    netns_path: &str,
-    source: Ipv4Addr,
-    cpu: usize,
-    destination: SocketAddrV4,
-    steps: &[(Duration, u64)],
-    start: Instant,
-    duration: Duration,
-) {
-    enter_netns(netns_path);
-    pin_to_cpu(cpu);
-    let socket = std::net::UdpSocket::bind(SocketAddrV4::new(source, 0))
-        .unwrap_or_else(|error| panic!("failed to bind sender on {source}: {error}"));
-    let payload = [0x5au8; 64];
-    let due_by = |elapsed: Duration| -> u64 {
-        let mut due = 0.0;
-        for (index, (at, rate)) in steps.iter().enumerate() {
-            let until = steps.get(index + 1).map_or(elapsed, |(next, _)| (*next).min(elapsed));
-            if until > *at {
-                due += (until - *at).as_secs_f64() * *rate as f64;
-            }
-        }
-        due as u64
-    };
-    while Instant::now() < start {
-        thread::sleep(Duration::from_micros(200));
-    }
-    let mut sent = 0u64;
-    loop {
-        let elapsed = start.elapsed();
-        if elapsed >= duration || stop_requested() {
-            return;
-        }
-        let due = due_by(elapsed);
-        while sent < due {
-            let _ = socket.send_to(&payload, destination);
-            sent += 1;
-        }
-        thread::sleep(Duration::from_micros(500));
-    }
 }
 
 /// Returns the fleet total per bucket of `bucket` length, from every receiver's arrivals of

@@ -197,7 +197,8 @@ impl RedisServer {
     }
 
     fn wait_ready(&self) {
-        // An unauthenticated PING gets NOAUTH from a server with a password: it answers.
+        // A server with a password replies NOAUTH to an unauthenticated PING, which also
+        // shows it is up.
         wait_until("redis-server to answer PING", Duration::from_secs(10), || {
             let reply = self.command("PING");
             reply.contains("PONG") || reply.contains("NOAUTH")
@@ -210,17 +211,43 @@ impl RedisServer {
 
     /// Sends one inline command and returns the raw reply, or an empty string on failure.
     pub fn command(&self, line: &str) -> String {
-        let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) else {
-            return String::new();
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        if stream.write_all(format!("{line}\r\n").as_bytes()).is_err() {
-            return String::new();
-        }
-        let mut buffer = [0u8; 4096];
-        let read = stream.read(&mut buffer).unwrap_or(0);
-        String::from_utf8_lossy(&buffer[..read]).into_owned()
+        redis_command(self.port, line)
     }
+}
+
+/// Sends one inline command to the redis-server on `port` of 127.0.0.1 and returns the raw
+/// reply, or an empty string on failure.
+pub fn redis_command(port: u16, line: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(format!("{line}\r\n").as_bytes()).is_err() {
+        return String::new();
+    }
+    // Replies here are small, but a bulk reply can arrive in several reads.
+    let mut reply = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    while let Ok(read) = stream.read(&mut buffer) {
+        if read == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buffer[..read]);
+        if is_complete(&reply) {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// Returns true when `reply` contains a whole RESP reply of the kinds these commands return.
+fn is_complete(reply: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(reply);
+    if let Some(rest) = text.strip_prefix('$') {
+        let Some((length, body)) = rest.split_once("\r\n") else { return false };
+        return length.parse::<usize>().is_ok_and(|length| body.len() >= length + 2);
+    }
+    text.ends_with("\r\n")
 }
 
 /// Starts a redis-server on `port` of 127.0.0.1 without persistence.

@@ -104,29 +104,54 @@ impl Receiver {
 /// `start` for `duration`. The thread returns the number of packets sent.
 pub fn spawn_sender(netns: &str, source: Source, destination: SocketAddrV4, start: Instant, duration: Duration) -> thread::JoinHandle<u64> {
     let netns_path = format!("/var/run/netns/{netns}");
-    thread::spawn(move || {
-        enter_netns(&netns_path);
-        pin_to_cpu(source.cpu);
-        let socket = UdpSocket::bind(SocketAddrV4::new(source.addr, 0))
-            .unwrap_or_else(|error| panic!("failed to bind sender on {}: {error}", source.addr));
-        let payload = [0x5au8; 64];
-        let mut sent = 0u64;
-        loop {
-            let elapsed = start.elapsed();
-            if elapsed >= duration || stop_requested() {
-                return sent;
+    let steps = [(Duration::ZERO, source.packets_per_second)];
+    thread::spawn(move || send_scheduled(&netns_path, source.addr, source.cpu, destination, &steps, start, duration))
+}
+
+/// Sends from `source` in the namespace at `netns_path`, pinned to `cpu`, at a
+/// piecewise-constant rate: `steps` are (time since `start`, packets per second), in order,
+/// and the packets due by now are the integral of the rate up to now. Returns the number of
+/// packets sent.
+pub fn send_scheduled(
+    netns_path: &str,
+    source: Ipv4Addr,
+    cpu: usize,
+    destination: SocketAddrV4,
+    steps: &[(Duration, u64)],
+    start: Instant,
+    duration: Duration,
+) -> u64 {
+    enter_netns(netns_path);
+    pin_to_cpu(cpu);
+    let socket = UdpSocket::bind(SocketAddrV4::new(source, 0))
+        .unwrap_or_else(|error| panic!("failed to bind sender on {source}: {error}"));
+    let payload = [0x5au8; 64];
+    let due_by = |elapsed: Duration| -> u64 {
+        let mut due = 0.0;
+        for (index, (at, rate)) in steps.iter().enumerate() {
+            let until = steps.get(index + 1).map_or(elapsed, |(next, _)| (*next).min(elapsed));
+            if until > *at {
+                due += (until - *at).as_secs_f64() * *rate as f64;
             }
-            // Send whatever the schedule says is due, then sleep briefly: keeps the rate
-            // exact on average without one sleep per packet.
-            let due = (elapsed.as_secs_f64() * source.packets_per_second as f64) as u64;
-            while sent < due {
-                // Errors such as ENOBUFS count as sent-and-lost; the receiver is the judge.
-                let _ = socket.send_to(&payload, destination);
-                sent += 1;
-            }
-            thread::sleep(Duration::from_micros(500));
         }
-    })
+        due as u64
+    };
+    while Instant::now() < start {
+        thread::sleep(Duration::from_micros(200));
+    }
+    let mut sent = 0u64;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration || stop_requested() {
+            return sent;
+        }
+        let due = due_by(elapsed);
+        while sent < due {
+            let _ = socket.send_to(&payload, destination);
+            sent += 1;
+        }
+        thread::sleep(Duration::from_micros(500));
+    }
 }
 
 /// Sends from every source for `duration` and counts what arrives at `destination`.

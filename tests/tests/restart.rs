@@ -37,7 +37,7 @@ fn agent_restart_keeps_enforcing() {
     let report = traffic.join().expect("traffic thread panicked");
     let seconds = &report.received_per_second[&source_addr];
     println!("agent restart: received per second {seconds:?}");
-    // The new agent takes the counters as its baseline, and for one window holds each key's
+    // The new agent takes the counters as its baseline, and for one window keeps each key's
     // estimate no lower than its own recent passes, which the store never saw.
     // NOTE: 1.05x is the target. Where grants hand over to the local fallback (enforced per
     // CPU, in windows of the gateway's clock) and back, up to 1.08x was measured, so 1.15x

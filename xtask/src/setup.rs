@@ -9,7 +9,7 @@ use crate::{command_output, run};
 
 /// Debian packages: LLVM 22 for bpf-linker (it must match the LLVM of nightly rustc),
 /// redis-server for the agent's store in tests and the demo, iproute2 for namespaces and veth
-/// pairs, procps for sysctl.
+/// pairs, procps for sysctl, and nftables and iptables for the benchmark's baselines.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,6 +19,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-tools",
     "iproute2",
     "procps",
+    "nftables",
+    "iptables",
 ];
 
 /// bpf-linker releases that link with LLVM 22.
