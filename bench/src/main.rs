@@ -46,7 +46,8 @@ struct Cli {
     /// benchmarks work. Writes only under target/bench, never docs/.
     #[arg(long)]
     quick: bool,
-    /// Parts to run, in the order given (default: all).
+    /// Parts to run, in the order given (default: all). A subset writes only under
+    /// target/bench, never docs/.
     #[arg(long, value_enum, value_delimiter = ',')]
     parts: Vec<Part>,
 }
@@ -225,7 +226,9 @@ fn write_outputs(workspace: &Path, output_dir: &Path, report: &Report) -> anyhow
         markdown_path.display()
     );
 
-    if report.scale.is_some_and(|scale| scale.quick) {
+    // docs/ holds the page of a full run only: a quick run or a subset of the parts would
+    // replace the committed figures with fewer of them.
+    if report.scale.is_some_and(|scale| scale.quick) || !report.skipped.is_empty() {
         return Ok(());
     }
     let docs = workspace.join("docs");

@@ -100,7 +100,7 @@ pub struct RedisThroughput {
 pub async fn run(scale: &Scale) -> anyhow::Result<RedisThroughput> {
     // Step 1: batched scripts, `redis_rounds` ticks of `redis_keys` keys.
     let redis = RedisServer::start();
-    let store = Store::connect(&[redis.url()], false, CALL_TIMEOUT)?;
+    let store = Store::connect(&[redis.url()], false, CALL_TIMEOUT, None)?;
     let fields: Vec<String> = (0..scale.redis_keys).map(key_field).collect();
     let rounds = scale.redis_rounds.max(1);
     let started = Instant::now();
@@ -114,7 +114,7 @@ pub async fn run(scale: &Scale) -> anyhow::Result<RedisThroughput> {
 
     // Step 2: one tick of 10,000 keys on a fresh server, counted by INFO commandstats.
     let redis = RedisServer::start();
-    let store = Store::connect(&[redis.url()], false, CALL_TIMEOUT)?;
+    let store = Store::connect(&[redis.url()], false, CALL_TIMEOUT, None)?;
     let fields: Vec<String> = (0..COMMAND_COUNT_KEYS).map(key_field).collect();
     // The first tick loads the scripts (a NOSCRIPT reply, then SCRIPT LOAD). The counted tick
     // is the second, as in an agent that has run for a while.

@@ -39,9 +39,16 @@ static XDP_DROP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 static XDP_COUNT_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-count"));
 
-/// Size of the limiter's key maps and of `xdp-count`'s map in the many-keys runs: 2^20, so
-/// a million keys fit with room for the LRU's per-CPU free lists.
-const MAX_KEYS: u32 = 1_048_576;
+/// Keys one CPU's LRU list holds in the limiter's key maps and in `xdp-count`'s map: 2^20,
+/// so the million keys of the many-keys runs, all on `BENCH_CPU`, fit. Both maps keep a
+/// list per CPU, each with an equal part of the map, so the maps are this times the CPUs.
+const MAX_KEYS_PER_CPU: u32 = 1_048_576;
+
+/// Entries of a map whose every CPU holds [`MAX_KEYS_PER_CPU`].
+fn map_entries() -> anyhow::Result<u32> {
+    let cpus = limiter_user::batch::possible_cpus()? as u32;
+    Ok(MAX_KEYS_PER_CPU.saturating_mul(cpus))
+}
 
 /// Offset of the IPv4 source address in the untagged frames built here.
 const SOURCE_OFFSET: usize = 14 + 12;
@@ -268,7 +275,7 @@ fn test_run(loaded: &Loaded, frame: &[u8], repeat: u32) -> anyhow::Result<TestRu
 
 fn load_baseline(object: &[u8], program_name: &'static str) -> anyhow::Result<Loaded> {
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries("SOURCE_COUNTS", MAX_KEYS)
+        .map_max_entries("SOURCE_COUNTS", map_entries()?)
         .load(object)
         .with_context(|| format!("failed to load the {program_name} object: run as root"))?;
     let program: &mut Xdp = ebpf
@@ -288,7 +295,7 @@ fn load_baseline(object: &[u8], program_name: &'static str) -> anyhow::Result<Lo
 /// Loads the limiter into a fresh pin folder with `limiter_rule` for all traffic.
 fn load_limiter() -> anyhow::Result<(Loaded, Maps)> {
     let pins = PinDir::new();
-    let ebpf = datapath::load(&pins.path, MAX_KEYS)?;
+    let ebpf = datapath::load(&pins.path, map_entries()?)?;
     let mut maps = Maps::open_dir(&pins.path)?;
     // The rule index, as `limiter limit add` writes it, so the program skips the lookups
     // that cannot find a rule, as in production.

@@ -11,7 +11,7 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray},
@@ -29,8 +29,16 @@ static RULES: HashMap<RuleMatch, Rule> = HashMap::pinned(MAX_RULES, 0);
 
 /// Per-CPU counters of each key. LRU, so a flood of new sources evicts the least recently
 /// seen keys instead of failing inserts. The agent may resize it at load time.
+///
+/// Each CPU keeps its own LRU list (`BPF_F_NO_COMMON_LRU`), with an equal part of the
+/// entries. With one common list, a CPU short of free entries takes them from the entries
+/// other CPUs created recently, ignoring whether they are in use: a flood of spoofed
+/// sources on one CPU then evicts a heavy source's key on another, over and over, and each
+/// new entry starts its windows afresh. With a list per CPU, a flood evicts only keys its
+/// own CPUs created and left unused the longest.
 #[map]
-static COUNTERS: LruPerCpuHashMap<FlowKey, KeyCounter> = LruPerCpuHashMap::pinned(DEFAULT_MAX_KEYS, 0);
+static COUNTERS: LruPerCpuHashMap<FlowKey, KeyCounter> =
+    LruPerCpuHashMap::pinned(DEFAULT_MAX_KEYS, BPF_F_NO_COMMON_LRU);
 
 /// Per-CPU grants the agent computes from fleet-wide counts each tick.
 #[map]
@@ -197,7 +205,13 @@ fn find_or_insert_counter(key: &FlowKey) -> Option<*mut KeyCounter> {
     }
     // BPF_NOEXIST, because another CPU may have created the entry meanwhile, and replacing
     // it would zero that CPU's counts. Either way the lookup below finds the entry.
-    let _ = COUNTERS.insert(key, &KeyCounter::default(), BPF_NOEXIST as u64);
+    if COUNTERS.insert(key, &KeyCounter::default(), BPF_NOEXIST as u64).is_ok() {
+        // The LRU map may have evicted an earlier entry of this key whose grant is still
+        // there. That grant is a ceiling on the old counts, which the new entry restarts
+        // from zero, so it would pass a grant's worth again and again; the key starts over
+        // as a new one instead.
+        let _ = GRANTS.remove(key);
+    }
     COUNTERS.get_ptr_mut(key)
 }
 

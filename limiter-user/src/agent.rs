@@ -6,6 +6,7 @@
 
 use std::{
     os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -22,10 +23,19 @@ use tracing::{debug, error, info, warn};
 use crate::{
     control::{self, AgentStatus, MAX_REQUEST_BYTES, Request, Response},
     datapath::{self, AttachMode, Maps},
-    reconcile::{self, Reconciler},
+    reconcile::{self, Reconciler, TickReport},
     rule_table::RuleTable,
-    store::Store,
+    store::{BreakerState, BreakerTransition, CircuitBreaker, Store, StoreError},
 };
+
+/// Consecutive ticks without Redis before the circuit breaker opens. Grants last three
+/// ticks, so the breaker opens, and the agent reports Redis unreachable, about when the
+/// first grants expire and the store-down policy takes over.
+const BREAKER_FAILURE_TICKS: u32 = 3;
+
+/// Maximum wait between probes of an open breaker, in ticks: reconciliation resumes at most
+/// this many ticks after Redis returns, plus the time to connect.
+const BREAKER_MAX_BACKOFF_TICKS: u32 = 2;
 
 /// Settings of one agent, from the command line.
 #[derive(Clone, Debug)]
@@ -39,6 +49,9 @@ pub struct AgentConfig {
     pub node_id: String,
     pub max_keys: u32,
     pub redis_timeout: Duration,
+    /// PEM file of the certificate authorities trusted for `rediss://` instead of the
+    /// system's.
+    pub redis_ca: Option<PathBuf>,
     /// Replace an XDP program the limiter did not attach.
     pub force: bool,
 }
@@ -58,10 +71,37 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Runs the agent until it receives SIGINT or SIGTERM.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let AgentConfig { iface, mode, redis_urls, redis_cluster, sync_interval, node_id, max_keys, redis_timeout, force } =
-        config.clone();
+    let AgentConfig {
+        iface,
+        mode,
+        redis_urls,
+        redis_cluster,
+        sync_interval,
+        node_id,
+        max_keys,
+        redis_timeout,
+        redis_ca,
+        force,
+    } = config.clone();
 
-    // Step 1: attach the program, or adopt the one pinned by an earlier run.
+    // Step 1: check the Redis URLs and credentials. Redis may be down now, which the tick
+    // loop rides out, but a rejected password stays rejected.
+    let root_certificates = match &redis_ca {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("failed to read the CA certificates in {}: pass a PEM file to --redis-ca", path.display()))?,
+        ),
+        None => None,
+    };
+    let store = Store::connect(&redis_urls, redis_cluster, redis_timeout, root_certificates)?;
+    if let Err(error) = store.ping().await {
+        if error.is_rejected_credentials() {
+            anyhow::bail!("redis rejected the agent's credentials: {error}; check the user name and password in --redis");
+        }
+        debug!(%error, "redis did not reply to PING at start; the tick loop retries");
+    }
+
+    // Step 2: attach the program, or adopt the one pinned by an earlier run.
     let attachment = datapath::attach(&iface, mode, max_keys, force)?;
     let maps = Maps::open(&iface)?;
     let mut rules = RuleTable::load(&maps)?;
@@ -69,7 +109,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let cpus = aya::util::nr_cpus().map_err(|(path, error)| anyhow::anyhow!("failed to read {path}: {error}"))?;
     info!(iface, node_id, %attachment, rules = rules.views().len(), cpus, redis_cluster, "agent started");
 
-    let store = Store::connect(&redis_urls, redis_cluster, redis_timeout)?;
     let shared = Arc::new(Shared {
         maps: Mutex::new(maps),
         rules: Mutex::new(rules),
@@ -86,15 +125,23 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             last_tick_ms: 0.0,
             last_tick: Default::default(),
             failed_ticks: 0,
+            max_tick_ms: 0.0,
+            ticks_over_interval: 0,
+            breaker: BreakerState::Closed,
+            breaker_openings: 0,
+            store_errors: Default::default(),
+            keys_deferred_total: 0,
+            keys_evicted_total: 0,
+            keys_in_doubt_total: 0,
         }),
     });
 
-    // Step 2: serve the control socket.
+    // Step 3: serve the control socket.
     let listener = bind_control_socket(&iface)?;
     let socket_path = control::socket_path(&iface);
     let server = tokio::spawn(serve_control(listener, shared.clone()));
 
-    // Step 3: reconcile every interval until SIGINT or SIGTERM.
+    // Step 4: reconcile every interval until SIGINT or SIGTERM.
     let adopted = matches!(lock(&shared.status).attachment, datapath::Attachment::Adopted);
     let result = tick_loop(&config, &store, shared, cpus, adopted).await;
 
@@ -104,6 +151,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     result
 }
 
+/// Runs one tick every sync interval until SIGINT or SIGTERM.
+///
+/// A circuit breaker keeps a hung or dead Redis from stretching the ticks. Each tick starts
+/// with the heartbeat call. When that finds Redis out of reach, the tick skips the sync
+/// calls, because each would wait out the same timeout. After a few such ticks the breaker
+/// opens, and only one tick in every backoff probes Redis with a heartbeat. No store call
+/// outlives its tick's interval.
 async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpus: usize, adopted: bool) -> anyhow::Result<()> {
     // Grants outlive a few missed ticks, so one slow Redis reply does not reset every key
     // to its fallback limit.
@@ -119,12 +173,14 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
     let mut terminate = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
 
-    let mut store_reachable: Option<bool> = None;
-    // While Redis is unreachable, ticks are skipped with a doubling backoff, capped low so
-    // reconciliation resumes within two ticks of Redis coming back.
-    let mut skip_ticks = 0u32;
-    let mut backoff_ticks = 1u32;
-    const MAX_BACKOFF_TICKS: u32 = 2;
+    let mut breaker = CircuitBreaker::new(BREAKER_FAILURE_TICKS, BREAKER_MAX_BACKOFF_TICKS);
+    // Whether "redis reachable" was logged once; later changes follow the breaker.
+    let mut reported_reachable = false;
+    let mut script_errors_reported = false;
+    let mut max_tick = Duration::ZERO;
+    // Ticks longer than the interval so far, and their count when the current run of them began.
+    let mut overruns = 0u64;
+    let mut overrun_since: Option<u64> = None;
 
     loop {
         tokio::select! {
@@ -132,33 +188,49 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
         }
-        if skip_ticks > 0 {
-            skip_ticks -= 1;
+        if !breaker.admit_tick() {
+            let mut status = lock(&shared.status);
+            status.ticks += 1;
+            status.failed_ticks += 1;
+            status.store_reachable = false;
             continue;
         }
         let started = Instant::now();
+        let before = store.counters();
+        store.set_deadline(Some(started + config.sync_interval));
 
         // The heartbeat counts live gateways, which sets each rule's fallback limit.
         let heartbeat = store.heartbeat(&config.node_id, gateway_alive).await;
-        if let Ok(gateways) = heartbeat {
-            let mut maps = lock(&shared.maps);
-            let mut rules = lock(&shared.rules);
-            if gateways != rules.gateways() {
-                info!(gateways, "gateway count changed, updating fallback limits");
-                if let Err(error) = rules.set_gateways(gateways, &mut maps) {
-                    error!(error = format!("{error:#}"), "failed to update fallback limits");
+        match &heartbeat {
+            Ok(gateways) => {
+                let gateways = *gateways;
+                let mut maps = lock(&shared.maps);
+                let mut rules = lock(&shared.rules);
+                if gateways != rules.gateways() {
+                    info!(gateways, "gateway count changed, updating fallback limits");
+                    if let Err(error) = rules.set_gateways(gateways, &mut maps) {
+                        error!(error = format!("{error:#}"), "failed to update fallback limits");
+                    }
                 }
             }
+            Err(error) => debug!(%error, "heartbeat call failed"),
         }
-
-        let rules_by_id = lock(&shared.rules).by_id();
-        let report = reconciler.tick(&shared.maps, &rules_by_id).await;
+        let heartbeat_unreachable = heartbeat.as_ref().err().is_some_and(|error| error.kind().is_unreachable());
+        let report = if heartbeat_unreachable {
+            TickReport { failed_calls: 1, first_error: heartbeat.as_ref().err().map(StoreError::to_string), ..Default::default() }
+        } else {
+            let rules_by_id = lock(&shared.rules).by_id();
+            reconciler.tick(&shared.maps, &rules_by_id).await
+        };
+        store.set_deadline(None);
         let elapsed = started.elapsed();
-        let reachable = heartbeat.is_ok() && report.failed_calls == 0;
+        max_tick = max_tick.max(elapsed);
+        let after = store.counters();
+        let reached = after.unreachable() == before.unreachable();
 
         // While grants flow, new keys are paced until their first grant; once the agent
         // stops renewing this, new keys get the fallback limit.
-        if reachable {
+        if heartbeat.is_ok() && report.failed_calls == 0 {
             let heartbeat = AgentHeartbeat {
                 granting_until_ns: reconcile::monotonic_ns().saturating_add(grant_lifetime.as_nanos() as u64),
             };
@@ -168,35 +240,64 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
         }
 
         // Log store state changes once, not per tick or per key.
-        if store_reachable != Some(reachable) {
-            if reachable {
+        let transition = if reached { breaker.record_success() } else { breaker.record_failure() };
+        match transition {
+            Some(BreakerTransition::Closed) => {
                 info!(keys = report.keys_synced, "redis reachable, reconciling fleet-wide counts");
-            } else {
-                let error = match &heartbeat {
-                    Err(error) => error.to_string(),
-                    Ok(_) => report.first_error.clone().unwrap_or_default(),
-                };
-                warn!(%error, "redis unreachable; grants will expire and fallback limits apply until it returns");
             }
-            store_reachable = Some(reachable);
+            None if reached && !reported_reachable => {
+                info!(keys = report.keys_synced, "redis reachable, reconciling fleet-wide counts");
+            }
+            Some(BreakerTransition::Opened) => {
+                let error = heartbeat.as_ref().err().map(StoreError::to_string).or(report.first_error.clone());
+                warn!(
+                    error = error.unwrap_or_default(),
+                    failed_ticks = BREAKER_FAILURE_TICKS,
+                    "redis unreachable; grants will expire and fallback limits apply until it returns"
+                );
+            }
+            None => {}
         }
-        if reachable {
-            backoff_ticks = 1;
-        } else {
-            skip_ticks = backoff_ticks - 1;
-            backoff_ticks = (backoff_ticks * 2).min(MAX_BACKOFF_TICKS);
+        reported_reachable |= reached;
+        let script_errors = after.script_errors > before.script_errors;
+        if script_errors && !script_errors_reported {
+            let error = heartbeat.as_ref().err().map(StoreError::to_string).or(report.first_error.clone());
+            warn!(error = error.unwrap_or_default(), "redis script calls failed; keys without a new grant fall back when their grant expires");
+        } else if !script_errors && script_errors_reported && reached {
+            info!("redis script calls succeed again");
         }
-        if elapsed > config.sync_interval {
-            warn!(elapsed_ms = elapsed.as_millis() as u64, keys = report.keys_tracked, "tick took longer than the sync interval");
+        script_errors_reported = script_errors;
+
+        // One line when ticks start running over, and one when they stop.
+        let over = elapsed > config.sync_interval;
+        if over && overrun_since.is_none() {
+            warn!(
+                elapsed_ms = elapsed.as_millis() as u64,
+                keys = report.keys_tracked,
+                deferred = report.keys_deferred,
+                "ticks take longer than the sync interval; grants age and keys wait longer for their first grant"
+            );
+            overrun_since = Some(overruns);
+        } else if !over && let Some(first) = overrun_since.take() {
+            info!(ticks = overruns - first, "ticks fit the sync interval again");
         }
-        debug!(elapsed_us = elapsed.as_micros() as u64, ?report, "tick");
+        overruns += u64::from(over);
+        debug!(elapsed_us = elapsed.as_micros() as u64, ?report, breaker = ?breaker.state(), "tick");
 
         let mut status = lock(&shared.status);
-        status.store_reachable = reachable;
+        status.store_reachable = reached;
         status.gateways_seen = lock(&shared.rules).gateways();
         status.ticks += 1;
-        status.failed_ticks += u64::from(!reachable);
+        status.failed_ticks += u64::from(!reached || report.failed_calls > 0);
         status.last_tick_ms = elapsed.as_secs_f64() * 1000.0;
+        status.max_tick_ms = max_tick.as_secs_f64() * 1000.0;
+        status.ticks_over_interval = overruns;
+        status.breaker = breaker.state();
+        status.breaker_openings = breaker.openings();
+        status.store_errors = after;
+        status.keys_deferred_total += report.keys_deferred as u64;
+        status.keys_evicted_total += report.keys_evicted as u64;
+        status.keys_in_doubt_total += report.keys_in_doubt as u64;
         status.last_tick = report;
     }
 }

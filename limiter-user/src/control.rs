@@ -15,7 +15,12 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::{datapath::Attachment, reconcile::TickReport, rules::RuleSpec};
+use crate::{
+    datapath::Attachment,
+    reconcile::TickReport,
+    rules::RuleSpec,
+    store::{BreakerState, StoreCounters},
+};
 
 /// Folder of the agents' control sockets.
 pub const SOCKET_DIR: &str = "/run/limiter";
@@ -80,6 +85,33 @@ pub struct AgentStatus {
     pub last_tick_ms: f64,
     pub last_tick: TickReport,
     pub failed_ticks: u64,
+    /// Maximum tick duration since the agent started.
+    #[serde(default)]
+    pub max_tick_ms: f64,
+    /// Ticks that took longer than the sync interval since the agent started.
+    #[serde(default)]
+    pub ticks_over_interval: u64,
+    /// State of the circuit breaker in front of Redis: `closed`, `open` or `half_open`.
+    #[serde(default)]
+    pub breaker: BreakerState,
+    /// Times the breaker opened since the agent started.
+    #[serde(default)]
+    pub breaker_openings: u64,
+    /// Failed Redis calls by kind, and NOSCRIPT reloads, since the agent started.
+    #[serde(default)]
+    pub store_errors: StoreCounters,
+    /// Keys left for a later tick because the tick's sync budget was spent, summed over
+    /// every tick since the agent started: under a flood of sources, the keys that could not
+    /// be reconciled in time.
+    #[serde(default)]
+    pub keys_deferred_total: u64,
+    /// Keys the LRU map evicted since the agent started.
+    #[serde(default)]
+    pub keys_evicted_total: u64,
+    /// Keys whose sync call failed after it may have run, and whose deltas were therefore
+    /// not sent again, since the agent started.
+    #[serde(default)]
+    pub keys_in_doubt_total: u64,
 }
 
 /// Sends one request to the agent on `iface` and returns its response.

@@ -2,6 +2,7 @@
 //! tests drive the same code the `limiter` binary runs.
 
 pub mod agent;
+pub mod batch;
 pub mod control;
 pub mod datapath;
 pub mod reconcile;

@@ -1,6 +1,6 @@
 //! `limiter`: the agent and the operator's command-line interface.
 
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
@@ -95,6 +95,10 @@ struct AgentArgs {
     /// Maximum wait for one Redis reply before the tick carries on without it.
     #[arg(long, default_value = "50ms", value_parser = parse_interval)]
     redis_timeout: Duration,
+    /// PEM file of the certificate authorities to trust for rediss:// URLs, in place of the
+    /// system's trusted roots. Use it for a Redis with a private or self-signed CA.
+    #[arg(long, value_name = "FILE")]
+    redis_ca: Option<PathBuf>,
     /// Replace an XDP program already on the interface that the limiter did not attach.
     #[arg(long)]
     force: bool,
@@ -201,8 +205,18 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Agent(args) => {
-            let AgentArgs { iface, mode, redis, redis_cluster, sync_interval, node_id, max_keys, redis_timeout, force } =
-                args;
+            let AgentArgs {
+                iface,
+                mode,
+                redis,
+                redis_cluster,
+                sync_interval,
+                node_id,
+                max_keys,
+                redis_timeout,
+                redis_ca,
+                force,
+            } = args;
             let node_id = match node_id {
                 Some(node_id) => node_id,
                 None => host_name().context("failed to read the host name: pass --node-id NAME")?,
@@ -223,6 +237,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 node_id,
                 max_keys,
                 redis_timeout,
+                redis_ca,
                 force,
             })
             .await

@@ -11,13 +11,14 @@
 //! fallback limit instead of keeping a stale grant.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    os::fd::AsFd as _,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::Duration,
 };
 
-use aya::maps::PerCpuValues;
+use aya::maps::IterableMap as _;
 use limiter_common::{
     FAMILY_IPV4, FlowKey, Grant, KeyCounter, Rule, SlidingWindow,
     allowance::{proportional_share, split_by_demand},
@@ -26,6 +27,7 @@ use limiter_common::{
 use tracing::{debug, warn};
 
 use crate::{
+    batch,
     datapath::Maps,
     rules::pace_cap,
     store::{FleetCounts, Group, KeyDelta, Lease, MAX_KEYS_PER_CALL, Store, StoreError, SyncReply, bucket_of},
@@ -44,6 +46,28 @@ struct KeyHistory {
     /// passed (after an outage, or a restart of the agent), so the fleet's estimate is taken
     /// no lower than this gateway's own.
     local_floor_until_ns: u64,
+    /// The last tick whose read of COUNTERS found the key; a key not found was evicted.
+    seen_in: u64,
+}
+
+/// A key with new traffic, before the tick decides whether to sync it.
+struct Candidate {
+    /// Position of the key in the tick's snapshot of COUNTERS.
+    index: usize,
+    rule: Rule,
+    offered_total: u64,
+}
+
+impl Candidate {
+    /// Returns how close the key came to its limit in the last tick: its offered packets
+    /// against the packets its rule allows per tick, in thousandths.
+    fn pressure(&self, interval_us: u64) -> u128 {
+        let allowed_per_tick = (u128::from(self.rule.limit) * u128::from(interval_us) * 1000)
+            .checked_div(u128::from(self.rule.window_ns))
+            .unwrap_or(0)
+            .max(1);
+        u128::from(self.offered_total) * 1000 / allowed_per_tick
+    }
 }
 
 /// A key with new traffic this tick, waiting for its group's sync call.
@@ -75,6 +99,16 @@ pub struct TickReport {
     /// Groups whose leases could not be recorded; their grants still apply here.
     pub failed_reservations: usize,
     pub grants_written: usize,
+    /// Keys with new traffic left for a later tick, because syncing them too would have
+    /// run the store phase past half the sync interval.
+    pub keys_deferred: usize,
+    /// Keys whose sync call failed after it may have reached Redis. Their deltas are not sent
+    /// again, so no delta counts twice. The store may miss them instead, which the gateway's
+    /// local floor covers for one window.
+    pub keys_in_doubt: usize,
+    /// Keys the LRU map evicted since the last tick. Packets they passed since their last
+    /// sync never reach the store.
+    pub keys_evicted: usize,
     /// First store error of the tick, if any call failed.
     pub first_error: Option<String>,
 }
@@ -145,7 +179,31 @@ pub struct Reconciler {
     /// the baseline instead of sending their whole history as one delta.
     baseline_pending: bool,
     cpus: usize,
+    /// Most keys one tick syncs; `None` syncs every key with new traffic.
+    sync_budget: Option<SyncBudget>,
+    /// Number of the current tick, which marks the histories of the keys it read.
+    generation: u64,
 }
+
+/// How many keys a tick may sync: as many as Redis can reconcile in what is left of the
+/// tick's share of the interval, going by the time per key measured in recent ticks.
+#[derive(Clone, Copy, Debug)]
+struct SyncBudget {
+    /// Moving average of the store phase's wall time per key synced, once measured.
+    nanos_per_key: Option<f64>,
+}
+
+/// Part of the interval by which the store phase should end. The grants are written after
+/// it, and the machine that floods the agent with keys also slows it down.
+const STORE_PHASE_END: f64 = 0.5;
+/// Keys a tick syncs before a cost per key is known.
+const UNMEASURED_SYNC_KEYS: usize = 4096;
+/// Keys a tick syncs however long the tick has taken already, so the keys closest to their
+/// limit keep their grants even when reading the maps alone fills the interval.
+const MIN_SYNC_KEYS: usize = 1024;
+/// Keys a tick must sync for its time per key to count: below that, the round trip
+/// dominates and overstates the cost.
+const MIN_MEASURED_KEYS: usize = 512;
 
 impl Reconciler {
     pub fn new(store: Store, node_id: &str, interval: Duration, grant_lifetime: Duration, cpus: usize) -> Self {
@@ -158,7 +216,42 @@ impl Reconciler {
             last_read_ns: None,
             baseline_pending: false,
             cpus,
+            sync_budget: Some(SyncBudget { nanos_per_key: None }),
+            generation: 0,
         }
+    }
+
+    /// Makes every tick sync every key with new traffic, however long that takes. The
+    /// benchmarks use this to measure the cost of a full tick.
+    pub fn sync_every_key(&mut self) {
+        self.sync_budget = None;
+    }
+
+    /// Returns how many keys this tick may sync, `elapsed` into it.
+    fn sync_budget(&self, elapsed: Duration) -> usize {
+        let Some(SyncBudget { nanos_per_key }) = self.sync_budget else {
+            return usize::MAX;
+        };
+        let Some(nanos) = nanos_per_key.filter(|nanos| *nanos > 0.0) else {
+            return UNMEASURED_SYNC_KEYS;
+        };
+        let left_ns = self.interval_us as f64 * 1000.0 * STORE_PHASE_END - elapsed.as_nanos() as f64;
+        ((left_ns / nanos).max(0.0) as usize).max(MIN_SYNC_KEYS)
+    }
+
+    /// Updates the time per key from a store phase that synced `keys` keys.
+    fn record_sync_cost(&mut self, elapsed: Duration, keys: usize) {
+        let Some(budget) = self.sync_budget.as_mut() else {
+            return;
+        };
+        if keys < MIN_MEASURED_KEYS {
+            return;
+        }
+        let sample = elapsed.as_nanos() as f64 / keys as f64;
+        budget.nanos_per_key = Some(match budget.nanos_per_key {
+            Some(average) => (average + sample) / 2.0,
+            None => sample,
+        });
     }
 
     /// Makes the first tick record the counters already in the maps as the baseline,
@@ -172,15 +265,16 @@ impl Reconciler {
 
     /// Runs one tick against `maps`, with `rules` keyed by rule id.
     ///
-    /// Keys whose sync call failed keep their old baseline, so their packets are sent again
-    /// with the next tick's delta and none is lost.
-    // NOTE: a call that timed out after Redis applied it is sent again too, so its delta is
-    // counted twice. Applying deltas at most once needs a per-gateway sequence in sync.lua.
+    /// Keys whose sync call failed before it reached Redis keep their old baseline, so their
+    /// packets are sent again with the next tick's delta and none is lost. Keys whose call
+    /// may have run (a timeout, a connection broken mid-call) move past their deltas instead:
+    /// each delta is applied at most once.
     pub async fn tick(&mut self, maps: &std::sync::Mutex<Maps>, rules: &HashMap<u32, Rule>) -> TickReport {
         let mut report = TickReport::default();
+        let started = std::time::Instant::now();
 
         // Step 1: read every key's per-CPU counters and keep those with new traffic.
-        let snapshot = match read_counters(maps) {
+        let snapshot = match read_counters(maps, self.cpus) {
             Ok(snapshot) => snapshot,
             Err(error) => {
                 warn!(%error, "failed to read the COUNTERS map");
@@ -211,31 +305,53 @@ impl Reconciler {
         }
         .max(1);
 
-        let mut seen = HashSet::with_capacity(snapshot.len());
-        let mut groups: BTreeMap<(u32, u32), Vec<PendingKey>> = BTreeMap::new();
-        for (key, counters) in snapshot {
-            seen.insert(key);
+        self.generation = self.generation.wrapping_add(1);
+        let mut candidates = Vec::new();
+        for (index, (key, counters)) in snapshot.iter().enumerate() {
+            let history = self.histories.entry(*key).or_default();
+            history.seen_in = self.generation;
             let Some(rule) = rules.get(&key.rule_id) else {
                 // Counters of a removed rule are deleted with the rule; a leftover is skipped.
                 continue;
             };
-            if let Some(pending) = self.pending_key(key, *rule, &counters, now_local, span_us) {
-                groups.entry((rule.id, bucket_of(&pending.field))).or_default().push(pending);
+            let offered_total: u64 = counters
+                .iter()
+                .enumerate()
+                .map(|(cpu, counter)| cpu_delta(counter.offered, history.offered.get(cpu).copied()))
+                .sum();
+            if offered_total > 0 {
+                candidates.push(Candidate { index, rule: *rule, offered_total });
             }
         }
 
-        // Step 2: forget keys the LRU map evicted, and their grants.
-        let evicted: Vec<FlowKey> = self.histories.keys().filter(|key| !seen.contains(key)).copied().collect();
-        if !evicted.is_empty() {
-            let mut maps = lock(maps);
-            for key in &evicted {
-                self.histories.remove(key);
-                let _ = maps.grants.remove(key);
-            }
+        // Step 2: keep the tick within its interval. Under a flood of spoofed sources, more
+        // keys see traffic than Redis can reconcile in one interval. The keys closest to
+        // their limit go first, and the rest keep their baselines for a later tick.
+        let budget = self.sync_budget(started.elapsed());
+        if candidates.len() > budget {
+            let interval_us = self.interval_us;
+            candidates.select_nth_unstable_by_key(budget, |candidate| std::cmp::Reverse(candidate.pressure(interval_us)));
+            report.keys_deferred = candidates.len() - budget;
+            candidates.truncate(budget);
+        }
+        let mut groups: BTreeMap<(u32, u32), Vec<PendingKey>> = BTreeMap::new();
+        for candidate in candidates {
+            let (key, counters) = &snapshot[candidate.index];
+            let pending = self.pending_key(*key, candidate.rule, counters, now_local, span_us);
+            groups.entry((candidate.rule.id, bucket_of(&pending.field))).or_default().push(pending);
         }
 
-        // Step 3: per group of at most MAX_KEYS_PER_CALL keys, all groups in flight together:
+        // Step 3: forget keys the LRU map evicted. Their grants stay until the LRU map evicts
+        // them too: the program drops a key's grant whenever it creates the key's counters
+        // anew, so an old grant is never applied to new counts.
+        let before = self.histories.len();
+        let generation = self.generation;
+        self.histories.retain(|_, history| history.seen_in == generation);
+        report.keys_evicted = before - self.histories.len();
+
+        // Step 4: per group of at most MAX_KEYS_PER_CALL keys, all groups in flight together:
         // sync, size the grants, and record them as leases right away.
+        let store_started = std::time::Instant::now();
         let mut calls = tokio::task::JoinSet::new();
         for ((rule_id, bucket), mut keys) in groups {
             while !keys.is_empty() {
@@ -263,7 +379,7 @@ impl Reconciler {
             }
         }
 
-        // Step 4: write the grants and move the baselines forward.
+        // Step 5: write the grants and move the baselines forward.
         let mut planned = Vec::new();
         while let Some(joined) = calls.join_next().await {
             match joined {
@@ -278,6 +394,10 @@ impl Reconciler {
                     report.failed_calls += 1;
                     debug!(%error, keys = chunk.len(), rule = chunk[0].rule.id, "sync call failed");
                     report.first_error.get_or_insert_with(|| error.to_string());
+                    if may_have_applied(&error) {
+                        report.keys_in_doubt += chunk.len();
+                        self.forget_deltas(chunk, now_local);
+                    }
                 }
                 Err(error) => {
                     report.failed_calls += 1;
@@ -285,23 +405,20 @@ impl Reconciler {
                 }
             }
         }
+        self.record_sync_cost(store_started.elapsed(), planned.iter().map(|(chunk, _)| chunk.len()).sum());
         let expires_ns = now_local.saturating_add(self.grant_lifetime.as_nanos() as u64);
-        let mut maps = lock(maps);
+        let mut grant_keys = Vec::new();
+        let mut grants = Vec::new();
         for (chunk, shares) in planned {
             for (pending, shares) in chunk.into_iter().zip(shares) {
-                let grants: Vec<Grant> = pending
-                    .passed_now
-                    .iter()
-                    .zip(shares)
-                    .map(|(passed, share)| Grant { passed_ceiling: passed.saturating_add(share), expires_ns })
-                    .collect();
-                match PerCpuValues::try_from(grants) {
-                    Ok(values) => match maps.grants.insert(pending.key, values, 0) {
-                        Ok(()) => report.grants_written += 1,
-                        Err(error) => warn!(%error, key = %pending.field, "failed to write grant"),
-                    },
-                    Err(error) => warn!(%error, key = %pending.field, "failed to build per-CPU grant"),
-                }
+                grant_keys.push(pending.key);
+                grants.extend(
+                    pending
+                        .passed_now
+                        .iter()
+                        .zip(shares)
+                        .map(|(passed, share)| Grant { passed_ceiling: passed.saturating_add(share), expires_ns }),
+                );
                 let history = self.histories.entry(pending.key).or_default();
                 history.passed = pending.passed_now;
                 history.offered = pending.offered_now;
@@ -309,18 +426,35 @@ impl Reconciler {
                 report.keys_synced += 1;
             }
         }
+        let maps = lock(maps);
+        match batch::update_all(maps.grants.map().fd().as_fd(), self.cpus, &grant_keys, &grants) {
+            Ok(()) => report.grants_written = grant_keys.len(),
+            Err((written, error)) => {
+                // The keys after the failed one keep their old grant until it expires, and
+                // then the fallback limit; the next tick writes them again.
+                warn!(%error, written, keys = grant_keys.len(), "failed to write grants");
+                report.grants_written = written;
+                report.first_error.get_or_insert_with(|| format!("failed to write GRANTS: {error}"));
+            }
+        }
         report
     }
 
+    /// Moves the baselines of keys whose sync call may have been applied past their deltas,
+    /// so they are applied at most once, and keeps each key's estimate no lower than this
+    /// gateway's own passes for a window, in case the call never ran.
+    fn forget_deltas(&mut self, chunk: Vec<PendingKey>, now_local: u64) {
+        for pending in chunk {
+            let history = self.histories.entry(pending.key).or_default();
+            history.passed = pending.passed_now;
+            history.offered = pending.offered_now;
+            history.read_at_ns = Some(now_local);
+            history.local_floor_until_ns = now_local.saturating_add(pending.rule.window_ns);
+        }
+    }
+
     /// Computes the key's deltas since the last sync, or `None` if it saw no new packet.
-    fn pending_key(
-        &mut self,
-        key: FlowKey,
-        rule: Rule,
-        counters: &PerCpuValues<KeyCounter>,
-        now_local: u64,
-        tick_span_us: u64,
-    ) -> Option<PendingKey> {
+    fn pending_key(&mut self, key: FlowKey, rule: Rule, counters: &[KeyCounter], now_local: u64, tick_span_us: u64) -> PendingKey {
         let history = self.histories.entry(key).or_default();
         let full_span_us = match history.read_at_ns {
             Some(read_at) => (now_local.saturating_sub(read_at) / 1000).max(1),
@@ -337,10 +471,6 @@ impl Reconciler {
         let passed_total = per_cpu_delta(&passed_now, &history.passed).iter().sum();
         let offered_delta = per_cpu_delta(&offered_now, &history.offered);
         let offered_total: u64 = offered_delta.iter().sum();
-        if offered_total == 0 {
-            return None;
-        }
-        let field = flow_key_field(&key);
         // Outside the floor this stays 0: the gateway's windows are out of phase with the
         // store's, and the larger of two estimates would hold every key a few percent under.
         let local_estimate = if floor_active {
@@ -351,10 +481,10 @@ impl Reconciler {
         } else {
             0
         };
-        Some(PendingKey {
+        PendingKey {
             key,
             rule,
-            field,
+            field: flow_key_field(&key),
             passed_now,
             offered_now,
             offered_delta,
@@ -362,9 +492,8 @@ impl Reconciler {
             offered_total,
             full_span_us,
             local_estimate,
-        })
+        }
     }
-
 }
 
 /// Syncs one group, sizes each key's gateway budget and splits it over the CPUs, and records
@@ -411,38 +540,42 @@ async fn sync_group(
     Ok((all_shares, reservation))
 }
 
+/// Returns true if a failed sync call may still have run in Redis: it timed out, or its
+/// connection broke after the request could have been sent. Calls refused before sending,
+/// and script errors, which the scripts raise before writing anything, ran nowhere.
+fn may_have_applied(error: &StoreError) -> bool {
+    match error {
+        StoreError::Timeout(_) => true,
+        StoreError::Redis(error) => !error.is_connection_refusal() && (error.is_timeout() || error.is_io_error() || error.is_connection_dropped()),
+        // A reply of the wrong shape comes from a script that ran.
+        StoreError::Reply(_) => true,
+    }
+}
+
 fn lock(maps: &std::sync::Mutex<Maps>) -> std::sync::MutexGuard<'_, Maps> {
     // A panic while holding the lock leaves the maps themselves intact, since every write is
     // a single syscall, so a poisoned lock is still safe to use.
     maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn read_counters(maps: &std::sync::Mutex<Maps>) -> anyhow::Result<Vec<(FlowKey, PerCpuValues<KeyCounter>)>> {
+fn read_counters(maps: &std::sync::Mutex<Maps>, cpus: usize) -> anyhow::Result<Vec<(FlowKey, Vec<KeyCounter>)>> {
     let maps = lock(maps);
-    // TODO: iterating key by key costs two syscalls per key. Batched lookups would cut the
-    // tick at 100k keys and more, but aya 0.14 does not offer them for per-CPU hash maps.
-    let mut snapshot = Vec::new();
-    for entry in maps.counters.iter() {
-        match entry {
-            Ok(entry) => snapshot.push(entry),
-            // A key evicted between the key walk and its lookup is simply gone.
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Ok(snapshot)
+    Ok(batch::lookup_all(maps.counters.map().fd().as_fd(), cpus)?)
 }
 
 /// Returns `now - before` per CPU. A counter below its baseline means the LRU map evicted
 /// and re-created the key, so everything it counted since is new.
 fn per_cpu_delta(now: &[u64], before: &[u64]) -> Vec<u64> {
-    now.iter()
-        .enumerate()
-        .map(|(cpu, value)| match before.get(cpu) {
-            Some(previous) if value >= previous => value - previous,
-            _ => *value,
-        })
-        .collect()
+    now.iter().enumerate().map(|(cpu, value)| cpu_delta(*value, before.get(cpu).copied())).collect()
+}
+
+/// Returns one CPU's `now - before`, or all of `now` if the counter restarted below its
+/// baseline or has none.
+fn cpu_delta(now: u64, before: Option<u64>) -> u64 {
+    match before {
+        Some(previous) if now >= previous => now - previous,
+        _ => now,
+    }
 }
 
 /// Formats a flow key as its Redis field: the masked source with prefix length, and the
@@ -537,6 +670,43 @@ mod tests {
         assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 0), 0);
         let counts = FleetCounts { current_passed: 900, previous_passed: 0, others_outstanding: 500, others_rate: 0 };
         assert_eq!(gateway_budget(&rule(1000), &counts, &reply_at(10_500_000), TIMING, 100, 0), 0);
+    }
+
+    fn candidate(limit: u64, offered_total: u64) -> Candidate {
+        Candidate { index: 0, rule: rule(limit), offered_total }
+    }
+
+    #[test]
+    fn pressure_ranks_keys_by_their_own_limit() {
+        // 100 ms ticks: a 1000/s rule allows 100 a tick, a 10/s rule 1.
+        assert_eq!(candidate(1000, 100).pressure(100_000), 1000);
+        assert_eq!(candidate(1000, 1).pressure(100_000), 10);
+        assert_eq!(candidate(10, 3).pressure(100_000), 3000);
+        // A limit below one packet per tick still counts as one.
+        assert_eq!(candidate(1, 2).pressure(100_000), 2000);
+    }
+
+    #[tokio::test]
+    async fn sync_budget_fits_the_rest_of_the_interval() {
+        let store = Store::connect(&["redis://127.0.0.1:1".to_string()], false, Duration::from_millis(10), None).unwrap();
+        let mut reconciler = Reconciler::new(store, "gw", Duration::from_millis(100), Duration::from_millis(300), 2);
+        let start = Duration::ZERO;
+        assert_eq!(reconciler.sync_budget(start), UNMEASURED_SYNC_KEYS, "before any measurement");
+        // 10,000 keys in 40 ms: 4 µs each. The store phase should end 50 ms into the tick:
+        // 12,500 keys fit at its start, 7,500 after 20 ms spent reading the maps.
+        reconciler.record_sync_cost(Duration::from_millis(40), 10_000);
+        assert_eq!(reconciler.sync_budget(start), 12_500);
+        assert_eq!(reconciler.sync_budget(Duration::from_millis(20)), 7_500);
+        // Past the end, the keys closest to their limit still get their grants.
+        assert_eq!(reconciler.sync_budget(Duration::from_millis(90)), MIN_SYNC_KEYS);
+        // Too few keys to measure: the round trip would dominate.
+        reconciler.record_sync_cost(Duration::from_millis(40), 10);
+        assert_eq!(reconciler.sync_budget(start), 12_500);
+        // A slow phase moves the average halfway toward it: 4 and 12 µs make 8.
+        reconciler.record_sync_cost(Duration::from_millis(12), 1_000);
+        assert_eq!(reconciler.sync_budget(start), 6_250);
+        reconciler.sync_every_key();
+        assert_eq!(reconciler.sync_budget(Duration::from_millis(90)), usize::MAX);
     }
 
     #[test]

@@ -16,6 +16,8 @@ use std::{
 
 pub mod cluster;
 pub mod fleet;
+pub mod flood;
+pub mod store;
 pub mod test_run;
 pub mod traffic;
 
@@ -66,6 +68,14 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Reports the running test `test` as skipped because of `reason`, such as a kernel
+/// feature it needs and the kernel lacks; the test returns right after. The line goes to
+/// standard error directly, past the test harness's output capture, so `cargo test` shows it
+/// for a test that passes, and `cargo xtask vm-test` counts the test as skipped.
+pub fn skip(test: &str, reason: &str) {
+    let _ = writeln!(std::io::stderr(), "limiter-tests: skipped: {test}: {reason}");
 }
 
 /// A network namespace, deleted on drop.
@@ -218,7 +228,13 @@ impl RedisServer {
 /// Sends one inline command to the redis-server on `port` of 127.0.0.1 and returns the raw
 /// reply, or an empty string on failure.
 pub fn redis_command(port: u16, line: &str) -> String {
-    let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
+    redis_command_at(Ipv4Addr::LOCALHOST, port, line)
+}
+
+/// Sends one inline command to the redis-server on `addr:port` and returns the raw reply, or
+/// an empty string on failure.
+pub fn redis_command_at(addr: Ipv4Addr, port: u16, line: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(2)) else {
         return String::new();
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
@@ -320,6 +336,12 @@ impl Agent {
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|error| panic!("failed to start limiter agent: {error}"));
+        Self::adopt_child(iface, child)
+    }
+
+    /// Takes over an agent process started elsewhere, such as inside a namespace, and waits
+    /// for its control socket.
+    pub fn adopt_child(iface: &str, child: Child) -> Self {
         let agent = Self { iface: iface.to_owned(), child };
         // A crashed agent leaves its socket file behind, so wait for a connection, not a file.
         let socket = limiter_user::control::socket_path(iface);

@@ -43,9 +43,11 @@ fn redis_outage_keeps_enforcing() {
     });
     let recovery = restarted.elapsed();
     thread::sleep(Duration::from_secs(3));
+    let reloads_before_flush = noscript_reloads(&veth.host);
     assert!(redis.command("SCRIPT FLUSH").contains("OK"), "SCRIPT FLUSH failed");
 
     let report = traffic.join().expect("traffic thread panicked");
+    let reloads_after_flush = noscript_reloads(&veth.host);
     let log = std::fs::read_to_string(&log_path).expect("read the agent log");
     let _ = std::fs::remove_file(&log_path);
     let heavy_seconds = &report.received_per_second[&heavy];
@@ -67,6 +69,20 @@ fn redis_outage_keeps_enforcing() {
     let up = log.matches("redis reachable").count();
     assert_eq!(down, 1, "lines reporting Redis down: {down}\n{log}");
     assert_eq!(up, 2, "lines reporting Redis up (start and recovery): {up}\n{log}");
+    // Each of the three scripts is loaded again once the flush makes EVALSHA fail. More
+    // than one call of a tick can meet the same flushed script, so there can be more.
+    assert!(
+        reloads_after_flush >= reloads_before_flush + 3,
+        "NOSCRIPT reloads went from {reloads_before_flush} to {reloads_after_flush} across SCRIPT FLUSH"
+    );
     // Two ticks of backoff at most, plus the reconnect.
     assert!(recovery < Duration::from_millis(1000), "reconciliation resumed {recovery:?} after the restart");
+}
+
+/// Returns the agent's count of scripts loaded again after NOSCRIPT.
+fn noscript_reloads(iface: &str) -> u64 {
+    let output = Agent::cli(&["status", "--iface", iface, "--json"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&output).unwrap_or_else(|error| panic!("invalid status JSON ({error}): {output}"));
+    status["store_errors"]["noscript_reloads"].as_u64().unwrap_or_else(|| panic!("no NOSCRIPT count in status: {output}"))
 }

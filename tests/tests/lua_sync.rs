@@ -42,7 +42,7 @@ const SYNC_SCRIPT_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/sync
 const RESERVE_SCRIPT_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/reserve.lua");
 
 fn connect(redis: &RedisServer) -> Store {
-    Store::connect(&[redis.url()], false, Duration::from_secs(5))
+    Store::connect(&[redis.url()], false, Duration::from_secs(5), None)
         .unwrap_or_else(|error| panic!("failed to create a store for {}: {error:#}", redis.url()))
 }
 

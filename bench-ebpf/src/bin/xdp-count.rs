@@ -8,7 +8,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST, xdp_action},
     macros::{map, xdp},
     maps::LruPerCpuHashMap,
     programs::XdpContext,
@@ -20,9 +20,10 @@ const ETHERTYPE_OFFSET: usize = 12;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 
 /// Packets per IPv4 source, keyed by the address in network byte order. Sized like the
-/// limiter's default `COUNTERS`, and resized by the benchmark at load time.
+/// limiter's default `COUNTERS`, with an LRU list per CPU as there, and resized by the
+/// benchmark at load time.
 #[map]
-static SOURCE_COUNTS: LruPerCpuHashMap<u32, u64> = LruPerCpuHashMap::with_max_entries(65_536, 0);
+static SOURCE_COUNTS: LruPerCpuHashMap<u32, u64> = LruPerCpuHashMap::with_max_entries(65_536, BPF_F_NO_COMMON_LRU);
 
 #[xdp]
 pub fn xdp_count(ctx: XdpContext) -> u32 {
