@@ -261,8 +261,13 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
         reported_reachable |= reached;
         let script_errors = after.script_errors > before.script_errors;
         if script_errors && !script_errors_reported {
-            let error = heartbeat.as_ref().err().map(StoreError::to_string).or(report.first_error.clone());
-            warn!(error = error.unwrap_or_default(), "redis script calls failed; keys without a new grant fall back when their grant expires");
+            let heartbeat_error = heartbeat.as_ref().err().map(StoreError::to_string).unwrap_or_default();
+            let sync_error = report.first_error.clone().unwrap_or_default();
+            warn!(
+                heartbeat_error,
+                sync_error,
+                "redis script calls failed; keys without a new grant fall back when their grant expires"
+            );
         } else if !script_errors && script_errors_reported && reached {
             info!("redis script calls succeed again");
         }

@@ -30,7 +30,7 @@ use crate::{
     batch,
     datapath::Maps,
     rules::pace_cap,
-    store::{FleetCounts, Group, KeyDelta, Lease, MAX_KEYS_PER_CALL, Store, StoreError, SyncReply, bucket_of},
+    store::{FleetCounts, Group, KeyDelta, Lease, MAX_KEYS_PER_CALL, Store, StoreError, SyncReply, bucket_of, group_keys},
 };
 
 /// Per-key memory of the agent between ticks: each CPU's `passed` and `offered` counters as
@@ -392,8 +392,14 @@ impl Reconciler {
                 }
                 Ok((chunk, Err(error))) => {
                     report.failed_calls += 1;
-                    debug!(%error, keys = chunk.len(), rule = chunk[0].rule.id, "sync call failed");
-                    report.first_error.get_or_insert_with(|| error.to_string());
+                    // The group's Redis key and its first flow key, so an error that names
+                    // neither (an OOM, a CROSSSLOT) can still be traced to the keys it hit.
+                    let [window_key, _, _] = group_keys(chunk[0].rule.id, bucket_of(&chunk[0].field));
+                    let first_key = &chunk[0].field;
+                    debug!(%error, keys = chunk.len(), rule = chunk[0].rule.id, %window_key, %first_key, "sync call failed");
+                    report
+                        .first_error
+                        .get_or_insert_with(|| format!("{error} (Redis key {window_key}, flow key {first_key}, {} keys)", chunk.len()));
                     if may_have_applied(&error) {
                         report.keys_in_doubt += chunk.len();
                         self.forget_deltas(chunk, now_local);
