@@ -269,15 +269,17 @@ fn render_redis(redis: &RedisThroughput, out: &mut String) {
         met(redis.batched_script_calls_per_million_packets <= COMMANDS_PER_MILLION_TARGET),
         met(redis.batched_commands_per_million_packets <= COMMANDS_PER_MILLION_TARGET),
     );
-    out.push_str(
-        "A tick makes two script calls per group with traffic (sync, then reserve), and 10,000 keys fill all \
-         64 buckets of a rule (`store::BUCKETS`), so a tick of one rule costs 128 calls whatever the packet \
-         count. Per million packets this falls with more packets per key and rises with more rules or buckets. \
-         The agent's heartbeat adds one call per tick, not counted here. Inside the scripts, each key costs \
-         a few hash commands, which is why all commands scale with keys rather than packets. Meeting the \
-         target of 100 script calls needs fewer calls per tick: 32 buckets per rule would make 64, or the \
-         leases could ride on the next tick's sync call, which would leave the other gateways without them \
-         for one tick.\n\n",
+    let _ = write!(
+        out,
+        "A tick makes two script calls per group of at most `MAX_KEYS_PER_CALL` keys with traffic (sync, then \
+         reserve), and 10,000 keys fill all {buckets} buckets of a rule (`store::BUCKETS`), so the call count of \
+         a tick of one rule depends on its keys, not its packets. Per million packets it falls with more \
+         packets per key and rises with more rules. The agent's heartbeat adds one call per tick, not counted \
+         here. Inside the scripts, each key costs a few hash commands (a HINCRBY of its count, HGETs of the \
+         previous window and of the leases in sync.lua, and a HGET and HSET of the leases in reserve.lua), \
+         which is why all commands scale with keys rather than packets: no design that keeps per-key leases \
+         can reach 100 of those per million packets at 10,000 keys.\n\n",
+        buckets = limiter_user::store::BUCKETS,
     );
 }
 

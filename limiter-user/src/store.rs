@@ -19,8 +19,11 @@ use redis::{
 };
 
 /// How many buckets the keys of one rule are spread over. More buckets spread a rule over
-/// more cluster slots; fewer mean fewer, larger script calls.
-pub const BUCKETS: u32 = 64;
+/// more cluster slots, so over more masters; fewer mean fewer, larger script calls. With 16,
+/// a tick of 10,000 keys makes 32 calls of sync and reserve each, and a rule's keys can
+/// reach at most 16 masters of a cluster. Every agent of a fleet must use the same count,
+/// because it is part of the Redis key names.
+pub const BUCKETS: u32 = 16;
 
 /// Most flow keys sent in one script call, which bounds how long one call runs in Redis.
 pub const MAX_KEYS_PER_CALL: usize = 512;
