@@ -9,7 +9,8 @@ use crate::{command_output, run};
 
 /// Debian packages: LLVM 22 for bpf-linker (it must match the LLVM of nightly rustc),
 /// redis-server for the agent's store in tests and the demo, iproute2 for namespaces and veth
-/// pairs, procps for sysctl, and nftables and iptables for the benchmark's baselines.
+/// pairs, procps for sysctl, nftables and iptables for the benchmark's baselines (nftables
+/// also black-holes Redis in a fault test), and openssl for the TLS test's certificates.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,20 +22,30 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     "nftables",
     "iptables",
+    "openssl",
 ];
+
+/// Debian packages that only `vm-test` needs: QEMU, a static busybox for the guest's init
+/// and shell, cpio to pack the initramfs, and xz to unpack the kernels' compressed modules.
+const VM_DEBIAN_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "xz-utils"];
 
 /// bpf-linker releases that link with LLVM 22.
 const BPF_LINKER_VERSION: &str = "^0.13";
 
 pub fn setup() -> anyhow::Result<()> {
-    install_debian_packages()?;
+    install_debian_packages(DEBIAN_PACKAGES)?;
     install_nightly_rust_src()?;
     install_bpf_linker()?;
     Ok(())
 }
 
-fn install_debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|package| !debian_package_installed(package)).collect();
+/// Installs what `vm-test` needs on top of [`setup`].
+pub fn setup_vm() -> anyhow::Result<()> {
+    install_debian_packages(VM_DEBIAN_PACKAGES)
+}
+
+fn install_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|package| !debian_package_installed(package)).collect();
     if missing.is_empty() {
         return Ok(());
     }
