@@ -120,19 +120,42 @@ impl SlidingWindow {
     /// Counts one packet at time `now`, without a limit.
     #[inline(always)]
     pub fn count(&mut self, now: u64, window_len: u64) {
+        self.count_cost(now, window_len, 1);
+    }
+
+    /// Counts `cost` units (packets, or bytes for a rule that counts bytes) at time `now`,
+    /// without a limit.
+    #[inline(always)]
+    pub fn count_cost(&mut self, now: u64, window_len: u64, cost: u64) {
         self.advance(window_id(now, window_len));
-        self.current = self.current.saturating_add(1);
+        self.current = self.current.saturating_add(cost);
+    }
+
+    /// Returns whether `cost` more units at time `now` keep the estimate within `limit`,
+    /// without counting them: `estimate + cost <= limit`. For a cost of 1 this is
+    /// `estimate < limit`, the packet case. Moves the counter to `now`'s window.
+    #[inline(always)]
+    pub fn admits(&mut self, now: u64, window_len: u64, limit: u64, cost: u64) -> bool {
+        self.advance(window_id(now, window_len));
+        let estimate = self.estimate(elapsed_in_window(now, window_len), window_len);
+        estimate.saturating_add(cost) <= limit
     }
 
     /// Counts one packet at time `now` if the estimate is below `limit`, and returns whether
     /// it was counted. This is the whole per-packet decision of the fallback path.
     #[inline(always)]
     pub fn try_admit(&mut self, now: u64, window_len: u64, limit: u64) -> bool {
-        self.advance(window_id(now, window_len));
-        if self.estimate(elapsed_in_window(now, window_len), window_len) >= limit {
+        self.try_admit_cost(now, window_len, limit, 1)
+    }
+
+    /// Counts `cost` units at time `now` if they keep the estimate within `limit`, and
+    /// returns whether they were counted. A cost of 0 is always admitted.
+    #[inline(always)]
+    pub fn try_admit_cost(&mut self, now: u64, window_len: u64, limit: u64, cost: u64) -> bool {
+        if !self.admits(now, window_len, limit, cost) {
             return false;
         }
-        self.count(now, window_len);
+        self.count_cost(now, window_len, cost);
         true
     }
 }
@@ -275,6 +298,47 @@ mod tests {
         let mut counter = SlidingWindow::default();
         assert!(!counter.try_admit(SECOND, SECOND, 0));
         assert_eq!(counter.current, 0);
+    }
+
+    #[test]
+    fn try_admit_cost_stops_before_exceeding_limit() {
+        // 1000 bytes per window, 300-byte frames: three fit, the fourth would make 1200.
+        let mut counter = SlidingWindow::default();
+        let start = 10 * SECOND;
+        let admitted = (0..6).filter(|i| counter.try_admit_cost(start + i * 1000, SECOND, 1000, 300)).count();
+        assert_eq!(admitted, 3);
+        assert_eq!(counter, window(10, 900, 0));
+        // A 100-byte frame still fits in what is left.
+        assert!(counter.try_admit_cost(start + 10_000, SECOND, 1000, 100));
+        assert_eq!(counter.current, 1000);
+    }
+
+    #[test]
+    fn try_admit_cost_weights_previous_bytes() {
+        // A quarter into window 11, the previous 1000 bytes weigh 750, leaving 250.
+        let mut counter = window(10, 1000, 0);
+        let now = 11 * SECOND + SECOND / 4;
+        assert!(!counter.try_admit_cost(now, SECOND, 1000, 300));
+        assert!(counter.try_admit_cost(now, SECOND, 1000, 250));
+        assert_eq!(counter, window(11, 250, 1000));
+    }
+
+    #[test]
+    fn try_admit_cost_larger_than_limit_never_admits() {
+        let mut counter = SlidingWindow::default();
+        assert!(!counter.try_admit_cost(SECOND, SECOND, 1000, 1001));
+        assert_eq!(counter.current, 0);
+    }
+
+    #[test]
+    fn try_admit_matches_cost_one() {
+        let mut by_packet = window(10, 60, 80);
+        let mut by_cost = by_packet;
+        for i in 0..200u64 {
+            let now = 11 * SECOND + i * (SECOND / 150);
+            assert_eq!(by_packet.try_admit(now, SECOND, 100), by_cost.try_admit_cost(now, SECOND, 100, 1), "packet {i}");
+        }
+        assert_eq!(by_packet, by_cost);
     }
 
     #[test]

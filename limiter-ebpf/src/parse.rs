@@ -27,6 +27,9 @@ const IPV6_DESTINATION_OPTIONS: u8 = 60;
 const TCP_HEADER_LEN: usize = 20;
 const UDP_HEADER_LEN: usize = 8;
 
+/// Offset of the flags byte in the TCP header (RFC 9293, 3.1).
+const TCP_FLAGS_OFFSET: usize = 13;
+
 /// Fields of a parsed packet that the limiter keys and matches on.
 pub struct Packet {
     pub family: u8,
@@ -37,6 +40,8 @@ pub struct Packet {
     /// TCP or UDP destination port in host byte order; 0 for other protocols and for every
     /// fragment but the first, whose payload carries no transport header.
     pub dst_port: u16,
+    /// TCP flags byte (CWR to FIN) of a TCP first fragment; 0 for anything else.
+    pub tcp_flags: u8,
 }
 
 /// Position of the next header in the frame.
@@ -137,14 +142,14 @@ fn parse_ipv4(ctx: &XdpContext, cursor: &mut Cursor) -> Result<Packet, Reason> {
     }
     cursor.offset += header_len;
 
-    let mut packet = Packet { family: FAMILY_IPV4, src_addr: [0; 16], protocol, dst_port: 0 };
+    let mut packet = Packet { family: FAMILY_IPV4, src_addr: [0; 16], protocol, dst_port: 0, tcp_flags: 0 };
     packet.src_addr[..4].copy_from_slice(&src);
 
     let fragment_offset = fragment & 0x1fff;
     if fragment_offset == 0 {
         // NOTE: the transport header is checked against the frame, not against the total
         // length, so a header in Ethernet padding past the IPv4 packet still gives a port.
-        packet.dst_port = parse_dst_port(ctx, cursor, protocol)?;
+        (packet.dst_port, packet.tcp_flags) = parse_transport(ctx, cursor, protocol)?;
     }
     Ok(packet)
 }
@@ -161,7 +166,7 @@ fn parse_ipv6(ctx: &XdpContext, cursor: &mut Cursor) -> Result<Packet, Reason> {
     }
     cursor.offset += Ipv6Hdr::LEN;
 
-    let mut packet = Packet { family: FAMILY_IPV6, src_addr: src, protocol: 0, dst_port: 0 };
+    let mut packet = Packet { family: FAMILY_IPV6, src_addr: src, protocol: 0, dst_port: 0, tcp_flags: 0 };
     let mut first_fragment = true;
 
     // The verifier needs a constant bound on this walk. Real traffic carries two or three
@@ -209,7 +214,7 @@ fn parse_ipv6(ctx: &XdpContext, cursor: &mut Cursor) -> Result<Packet, Reason> {
     }
     packet.protocol = next_header;
     if first_fragment {
-        packet.dst_port = parse_dst_port(ctx, cursor, next_header)?;
+        (packet.dst_port, packet.tcp_flags) = parse_transport(ctx, cursor, next_header)?;
     }
     Ok(packet)
 }
@@ -222,14 +227,14 @@ fn is_ipv6_extension(next_header: u8) -> bool {
     )
 }
 
-/// Returns the destination port of a TCP or UDP header at the cursor, 0 for any other
-/// protocol, and `Malformed` when the header is cut short.
+/// Returns the destination port of a TCP or UDP header at the cursor and the TCP flags
+/// (0 for UDP), (0, 0) for any other protocol, and `Malformed` when the header is cut short.
 #[inline(always)]
-fn parse_dst_port(ctx: &XdpContext, cursor: &Cursor, protocol: u8) -> Result<u16, Reason> {
+fn parse_transport(ctx: &XdpContext, cursor: &Cursor, protocol: u8) -> Result<(u16, u8), Reason> {
     let header_len = match protocol {
         IPPROTO_TCP => TCP_HEADER_LEN,
         IPPROTO_UDP => UDP_HEADER_LEN,
-        _ => return Ok(0),
+        _ => return Ok((0, 0)),
     };
     if ctx.data() + cursor.offset + header_len > ctx.data_end() {
         return Err(Reason::Malformed);
@@ -238,5 +243,12 @@ fn parse_dst_port(ctx: &XdpContext, cursor: &Cursor, protocol: u8) -> Result<u16
     let ports: *const [u8; 4] = header_at(ctx, cursor.offset)?;
     // SAFETY: the transport header, and so its first four bytes, lies inside the frame.
     let ports = unsafe { *ports };
-    Ok(u16::from_be_bytes([ports[2], ports[3]]))
+    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    if protocol != IPPROTO_TCP {
+        return Ok((dst_port, 0));
+    }
+
+    let flags: *const u8 = header_at(ctx, cursor.offset + TCP_FLAGS_OFFSET)?;
+    // SAFETY: the byte lies inside the 20-byte TCP header checked above.
+    Ok((dst_port, unsafe { *flags }))
 }

@@ -21,9 +21,12 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    config::LoadedConfig,
     control::{self, AgentStatus, MAX_REQUEST_BYTES, Request, Response},
     datapath::{self, AttachMode, Maps},
+    metrics::{self, AgentMetrics},
     reconcile::{self, Reconciler, TickReport},
+    rule_sync::{self, FleetRules, RuleChanges, RuleState},
     rule_table::RuleTable,
     store::{BreakerState, BreakerTransition, CircuitBreaker, Store, StoreError},
 };
@@ -54,6 +57,11 @@ pub struct AgentConfig {
     pub redis_ca: Option<PathBuf>,
     /// Replace an XDP program the limiter did not attach.
     pub force: bool,
+    /// The `--config` file as read at start: its rules are applied at start, and SIGHUP
+    /// reads it again.
+    pub config_file: Option<LoadedConfig>,
+    /// Address to serve Prometheus metrics on, if any.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// State shared by the tick loop and the control socket.
@@ -61,9 +69,13 @@ struct Shared {
     maps: Mutex<Maps>,
     rules: Mutex<RuleTable>,
     status: Mutex<AgentStatus>,
+    fleet_rules: Mutex<FleetRules>,
+    /// Wakes the tick loop to publish a local rule change at once instead of next tick.
+    rules_changed: tokio::sync::Notify,
+    metrics: Arc<AgentMetrics>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every guarded update is complete before any call that could panic, so a poisoned lock
     // still guards consistent data.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -82,6 +94,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         redis_timeout,
         redis_ca,
         force,
+        metrics_addr,
+        config_file,
     } = config.clone();
 
     // Step 1: check the Redis URLs and credentials. Redis may be down now, which the tick
@@ -101,11 +115,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         debug!(%error, "redis did not reply to PING at start; the tick loop retries");
     }
 
+    // A taken metrics port stops the agent before it attaches anything.
+    let metrics_listener = match metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+
     // Step 2: attach the program, or adopt the one pinned by an earlier run.
     let attachment = datapath::attach(&iface, mode, max_keys, force)?;
-    let maps = Maps::open(&iface)?;
+    let mut maps = Maps::open(&iface)?;
     let mut rules = RuleTable::load(&maps)?;
     rules.set_sync_interval(sync_interval);
+    let fleet_rules = rule_sync::apply_config_at_start(config_file.as_ref(), &mut rules, &mut maps)?;
     let cpus = aya::util::nr_cpus().map_err(|(path, error)| anyhow::anyhow!("failed to read {path}: {error}"))?;
     info!(iface, node_id, %attachment, rules = rules.views().len(), cpus, redis_cluster, "agent started");
 
@@ -133,19 +154,28 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             keys_deferred_total: 0,
             keys_evicted_total: 0,
             keys_in_doubt_total: 0,
+            rule_set: Default::default(),
         }),
+        fleet_rules: Mutex::new(fleet_rules),
+        rules_changed: tokio::sync::Notify::new(),
+        metrics: Arc::new(AgentMetrics::default()),
     });
 
     // Step 3: serve the control socket.
     let listener = bind_control_socket(&iface)?;
     let socket_path = control::socket_path(&iface);
     let server = tokio::spawn(serve_control(listener, shared.clone()));
+    let metrics_server =
+        metrics_listener.map(|listener| tokio::spawn(metrics::serve(listener, iface.clone(), shared.metrics.clone())));
 
     // Step 4: reconcile every interval until SIGINT or SIGTERM.
     let adopted = matches!(lock(&shared.status).attachment, datapath::Attachment::Adopted);
     let result = tick_loop(&config, &store, shared, cpus, adopted).await;
 
     server.abort();
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     let _ = std::fs::remove_file(&socket_path);
     info!(iface, "agent stopped; the program stays attached and enforces fallback limits until `limiter detach`");
     result
@@ -172,6 +202,8 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut terminate = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
+    let rule_state = RuleState { maps: &shared.maps, rules: &shared.rules, fleet: &shared.fleet_rules };
 
     let mut breaker = CircuitBreaker::new(BREAKER_FAILURE_TICKS, BREAKER_MAX_BACKOFF_TICKS);
     // Whether "redis reachable" was logged once; later changes follow the breaker.
@@ -187,6 +219,21 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
             _ = interval.tick() => {}
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                if rule_sync::reload(config.config_file.as_ref(), &rule_state) {
+                    shared.rules_changed.notify_one();
+                }
+                continue;
+            }
+            // Publishing between ticks lets the other gateways apply a change on their next
+            // tick rather than a tick later. An open breaker leaves it for the first tick
+            // that reaches Redis.
+            _ = shared.rules_changed.notified() => {
+                if breaker.state() == BreakerState::Closed {
+                    rule_sync::publish(store, &config.node_id, &rule_state).await;
+                }
+                continue;
+            }
         }
         if !breaker.admit_tick() {
             let mut status = lock(&shared.status);
@@ -219,6 +266,8 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
         let report = if heartbeat_unreachable {
             TickReport { failed_calls: 1, first_error: heartbeat.as_ref().err().map(StoreError::to_string), ..Default::default() }
         } else {
+            // The rule set call comes first, so this tick reconciles under the rules it applies.
+            rule_sync::sync_tick(store, &config.node_id, &rule_state).await;
             let rules_by_id = lock(&shared.rules).by_id();
             reconciler.tick(&shared.maps, &rules_by_id).await
         };
@@ -304,6 +353,7 @@ async fn tick_loop(config: &AgentConfig, store: &Store, shared: Arc<Shared>, cpu
         status.keys_evicted_total += report.keys_evicted as u64;
         status.keys_in_doubt_total += report.keys_in_doubt as u64;
         status.last_tick = report;
+        shared.metrics.record_tick(elapsed, &status);
     }
 }
 
@@ -399,7 +449,26 @@ fn handle_request(request: Request, shared: &Shared) -> Response {
             })
         }
         Request::LimitList => Ok(Response::Rules { rules: lock(&shared.rules).views() }),
-        Request::Status => Ok(Response::Status { status: Box::new(lock(&shared.status).clone()) }),
+        Request::Status => {
+            let mut status = lock(&shared.status).clone();
+            status.rule_set = lock(&shared.fleet_rules).info();
+            Ok(Response::Status { status: Box::new(status) })
+        }
+        Request::Apply { rules } => {
+            let mut maps = lock(&shared.maps);
+            rule_sync::apply_specs(&mut lock(&shared.rules), &mut maps, &rules).map(|changes| {
+                let RuleChanges { added, changed, removed, unchanged } = changes;
+                info!(added, changed, removed, unchanged, "rule set applied");
+                Response::Applied { changes }
+            })
+        }
+        Request::RuleSet => Ok(Response::RuleSet { rule_set: lock(&shared.fleet_rules).info() }),
     };
+
+    // Every change made here goes to the rest of the fleet.
+    if matches!(outcome, Ok(Response::Rule { .. } | Response::Removed { .. } | Response::Applied { .. })) {
+        lock(&shared.fleet_rules).record_local_change();
+        shared.rules_changed.notify_one();
+    }
     outcome.unwrap_or_else(|error| Response::Error { message: format!("{error:#}") })
 }

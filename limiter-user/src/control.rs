@@ -18,6 +18,7 @@ use tokio::{
 use crate::{
     datapath::Attachment,
     reconcile::TickReport,
+    rule_sync::{RuleChanges, RuleSetInfo},
     rules::RuleSpec,
     store::{BreakerState, StoreCounters},
 };
@@ -40,6 +41,10 @@ pub enum Request {
     LimitRemove { id: u32 },
     LimitList,
     Status,
+    /// Replace the whole rule set, as `limiter apply` does: rules not listed are removed.
+    Apply { rules: Vec<RuleSpec> },
+    /// The version of the rule set and the gateway that published it.
+    RuleSet,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,6 +55,8 @@ pub enum Response {
     Rules { rules: Vec<RuleView> },
     Status { status: Box<AgentStatus> },
     Error { message: String },
+    Applied { changes: RuleChanges },
+    RuleSet { rule_set: RuleSetInfo },
 }
 
 /// A rule as `limit list` shows it.
@@ -112,6 +119,9 @@ pub struct AgentStatus {
     /// not sent again, since the agent started.
     #[serde(default)]
     pub keys_in_doubt_total: u64,
+    /// Version and origin of the rule set, as the first line of `limiter limit list` shows.
+    #[serde(default)]
+    pub rule_set: RuleSetInfo,
 }
 
 /// Sends one request to the agent on `iface` and returns its response.

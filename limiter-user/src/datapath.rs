@@ -14,13 +14,13 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
-use limiter_common::{AgentHeartbeat, FlowKey, Grant, KeyCounter, Rule, RuleIndex, RuleMatch, map_names};
+use limiter_common::{AclIndex, AgentHeartbeat, FlowKey, Grant, KeyCounter, Rule, RuleIndex, RuleMatch, map_names};
 use tracing::{info, warn};
 
 /// The XDP object, built by `build.rs` from the `limiter-ebpf` crate.
@@ -205,6 +205,15 @@ pub fn attach(iface: &str, mode: AttachMode, max_keys: u32, force: bool) -> anyh
 /// Loads the object with its maps pinned in `dir`, reusing maps already pinned there, and
 /// has the kernel verify the program, without attaching it anywhere.
 pub fn load(dir: &Path, max_keys: u32) -> anyhow::Result<Ebpf> {
+    // Step 1: refuse a kernel that lacks what the program needs, naming what is missing,
+    // rather than leave the operator with a verifier log.
+    let release = kernel_release();
+    if let Some(missing) = release.as_deref().and_then(missing_kernel_feature) {
+        let release = release.as_deref().unwrap_or("unknown");
+        bail!("Linux {release} lacks {missing}: run the limiter on Linux {MIN_KERNEL} or later");
+    }
+
+    // Step 2: create the maps and load the program.
     ensure_bpf_fs()?;
     fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let mut ebpf = EbpfLoader::new()
@@ -212,9 +221,40 @@ pub fn load(dir: &Path, max_keys: u32) -> anyhow::Result<Ebpf> {
         .map_max_entries(map_names::COUNTERS, max_keys)
         .map_max_entries(map_names::GRANTS, max_keys)
         .load(EBPF_OBJECT)
-        .context("failed to load the XDP object: run as root on Linux 5.11 or later")?;
-    xdp_program(&mut ebpf)?.load().context("the kernel verifier rejected the XDP program")?;
+        .context("failed to load the XDP object: run as root")?;
+    if let Err(error) = xdp_program(&mut ebpf)?.load() {
+        let too_large = format!("{error:?}").contains("os error 7");
+        let release = release.as_deref().unwrap_or("unknown");
+        if too_large {
+            return Err(anyhow::Error::new(error).context(format!(
+                "the XDP program is too large for the verifier of Linux {release} (E2BIG: it explored more than \
+                 its limit of states); report this with the kernel release"
+            )));
+        }
+        return Err(anyhow::Error::new(error).context(format!("the verifier of Linux {release} rejected the XDP program")));
+    }
     Ok(ebpf)
+}
+
+/// Oldest kernel with everything the program uses.
+const MIN_KERNEL: &str = "5.11";
+
+/// Returns the running kernel's release, such as `6.1.0-26-amd64`.
+fn kernel_release() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|release| release.trim().to_owned())
+}
+
+/// Returns what a kernel of `release` lacks, or `None` if it has all the program uses or its
+/// version cannot be read. BPF links for XDP came in 5.9, `bpf_ktime_get_coarse_ns` in 5.11.
+pub fn missing_kernel_feature(release: &str) -> Option<&'static str> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|part| !part.is_empty());
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next()?.parse().ok()?;
+    match (major, minor) {
+        version if version < (5, 9) => Some("BPF links for XDP (5.9) and bpf_ktime_get_coarse_ns (5.11)"),
+        version if version < (5, 11) => Some("bpf_ktime_get_coarse_ns (5.11)"),
+        _ => None,
+    }
 }
 
 /// Returns the limiter's XDP program in a loaded object.
@@ -284,6 +324,9 @@ pub fn remove_pins(dir: &Path) -> anyhow::Result<bool> {
         map_names::STATS,
         map_names::AGENT,
         map_names::RULE_INDEX,
+        map_names::ACL_V4,
+        map_names::ACL_V6,
+        map_names::ACL_INDEX,
     ] {
         let path = dir.join(name);
         match fs::remove_file(&path) {
@@ -306,6 +349,10 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub agent: Array<MapData, AgentHeartbeat>,
     pub rule_index: Array<MapData, RuleIndex>,
+    /// Allow and deny lists by source CIDR: `ACL_ALLOW` or `ACL_DENY`.
+    pub acl_v4: LpmTrie<MapData, [u8; 4], u32>,
+    pub acl_v6: LpmTrie<MapData, [u8; 16], u32>,
+    pub acl_index: Array<MapData, AclIndex>,
 }
 
 impl Maps {
@@ -330,6 +377,9 @@ impl Maps {
             stats: open_pinned(dir, map_names::STATS)?.try_into()?,
             agent: open_pinned(dir, map_names::AGENT)?.try_into()?,
             rule_index: open_pinned(dir, map_names::RULE_INDEX)?.try_into()?,
+            acl_v4: open_pinned(dir, map_names::ACL_V4)?.try_into()?,
+            acl_v6: open_pinned(dir, map_names::ACL_V6)?.try_into()?,
+            acl_index: open_pinned(dir, map_names::ACL_INDEX)?.try_into()?,
         })
     }
 }
@@ -338,4 +388,19 @@ fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| format!("failed to open pinned map {}", path.display()))?;
     Ok(Map::from_map_data(data)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_kernels_name_what_they_lack() {
+        assert_eq!(missing_kernel_feature("5.4.0-150-generic"), Some("BPF links for XDP (5.9) and bpf_ktime_get_coarse_ns (5.11)"));
+        assert_eq!(missing_kernel_feature("5.10.0-28-amd64"), Some("bpf_ktime_get_coarse_ns (5.11)"));
+        assert_eq!(missing_kernel_feature("5.11.0"), None);
+        assert_eq!(missing_kernel_feature("6.1.0-26-amd64"), None);
+        assert_eq!(missing_kernel_feature("6.12.118+deb12-amd64"), None);
+        assert_eq!(missing_kernel_feature("unknown"), None, "an unreadable version is left to the loader");
+    }
 }

@@ -386,20 +386,15 @@ impl Reconciler {
                 Ok((chunk, Ok((shares, reservation)))) => {
                     if let Err(error) = reservation {
                         report.failed_reservations += 1;
-                        report.first_error.get_or_insert_with(|| error.to_string());
+                        debug!(%error, keys = chunk.len(), rule = chunk[0].rule.id, "reserve call failed");
+                        report.first_error.get_or_insert_with(|| describe_call_error(&error, &chunk));
                     }
                     planned.push((chunk, shares));
                 }
                 Ok((chunk, Err(error))) => {
                     report.failed_calls += 1;
-                    // The group's Redis key and its first flow key, so an error that names
-                    // neither (an OOM, a CROSSSLOT) can still be traced to the keys it hit.
-                    let [window_key, _, _] = group_keys(chunk[0].rule.id, bucket_of(&chunk[0].field));
-                    let first_key = &chunk[0].field;
-                    debug!(%error, keys = chunk.len(), rule = chunk[0].rule.id, %window_key, %first_key, "sync call failed");
-                    report
-                        .first_error
-                        .get_or_insert_with(|| format!("{error} (Redis key {window_key}, flow key {first_key}, {} keys)", chunk.len()));
+                    debug!(%error, keys = chunk.len(), rule = chunk[0].rule.id, "sync call failed");
+                    report.first_error.get_or_insert_with(|| describe_call_error(&error, &chunk));
                     if may_have_applied(&error) {
                         report.keys_in_doubt += chunk.len();
                         self.forget_deltas(chunk, now_local);
@@ -544,6 +539,13 @@ async fn sync_group(
     }
     let reservation = store.reserve(group, timing.interval_us, &leases).await;
     Ok((all_shares, reservation))
+}
+
+/// Describes a failed script call with the group's Redis key and its first flow key, so an
+/// error that names neither (an OOM, a CROSSSLOT) can still be traced to the keys it hit.
+fn describe_call_error(error: &StoreError, chunk: &[PendingKey]) -> String {
+    let [window_key, _, _] = group_keys(chunk[0].rule.id, bucket_of(&chunk[0].field));
+    format!("{error} (Redis key {window_key}, flow key {}, {} keys)", chunk[0].field, chunk.len())
 }
 
 /// Returns true if a failed sync call may still have run in Redis: it timed out, or its

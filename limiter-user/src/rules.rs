@@ -4,7 +4,7 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use limiter_common::{
     IPPROTO_TCP, IPPROTO_UDP, MAX_WINDOW_NS, MIN_WINDOW_NS, Rule, RuleMatch, STORE_DOWN_CLOSED, STORE_DOWN_LOCAL,
-    STORE_DOWN_OPEN,
+    STORE_DOWN_OPEN, UNIT_BYTES, UNIT_PACKETS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -23,9 +23,19 @@ pub enum RuleError {
     Ipv6Prefix(u8),
     #[error("invalid port {0} for protocol any: a port needs --proto tcp or --proto udp")]
     PortWithoutProtocol(u16),
-    #[error("invalid rate {0:?}: expected packets per window, such as 100 or 100/s")]
+    #[error("invalid rate {0:?}: expected packets per window, such as 100 or 100/s, or with --bytes, bytes such as 1M/s or 500KB")]
     Rate(String),
+    #[error("invalid rule: --syn selects TCP connection requests and needs --proto tcp, not {0}")]
+    SynWithoutTcp(Protocol),
+    #[error("invalid byte rate {0}: a byte limit below {MIN_BYTES_PER_WINDOW} bytes per window would drop every full-size Ethernet frame")]
+    ByteRateTooLow(u64),
+    #[error("invalid inner tier /{inner_v4} /{inner_v6}: its prefixes must be at least the rule's (/{outer_v4} /{outer_v6}) and longer in one family")]
+    InnerTierPrefix { inner_v4: u8, inner_v6: u8, outer_v4: u8, outer_v6: u8 },
 }
+
+/// Smallest byte limit per window: one full-size Ethernet frame (1500-byte MTU plus the
+/// 14-byte header), since a frame is admitted only if all its bytes fit.
+pub const MIN_BYTES_PER_WINDOW: u64 = 1514;
 
 /// Transport protocol a rule selects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -163,18 +173,69 @@ impl Rate {
     }
 }
 
-/// Parses a rate: `100` packets per window, or `100/s` packets per second.
+/// Parses a rate: `100` per window, or `100/s` per second. The number may carry a decimal
+/// multiplier (`k`, `M`, `G`) or a binary one (`Ki`, `Mi`, `Gi`), and a trailing `B` for
+/// bytes, as in `1MB/s`. `rate_in_bytes` returns whether the `B` is there.
 pub fn parse_rate(text: &str) -> Result<Rate, RuleError> {
+    let invalid = || RuleError::Rate(text.to_owned());
     let (number, per_second) = match text.strip_suffix("/s") {
         Some(number) => (number, true),
         None => (text, false),
     };
-    match number.trim().parse::<u64>() {
-        Ok(0) => Err(RuleError::ZeroRate),
-        Ok(count) if per_second => Ok(Rate::PerSecond(count)),
-        Ok(count) => Ok(Rate::PerWindow(count)),
-        Err(_) => Err(RuleError::Rate(text.to_owned())),
+    let number = number.trim();
+    let number = number.strip_suffix('B').unwrap_or(number);
+    let split = number.find(|c: char| !c.is_ascii_digit()).unwrap_or(number.len());
+    let (digits, multiplier) = number.split_at(split);
+    let multiplier: u64 = match multiplier {
+        "" => 1,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    let count = digits.parse::<u64>().map_err(|_| invalid())?.checked_mul(multiplier).ok_or_else(invalid)?;
+    match count {
+        0 => Err(RuleError::ZeroRate),
+        count if per_second => Ok(Rate::PerSecond(count)),
+        count => Ok(Rate::PerWindow(count)),
     }
+}
+
+/// Returns true when a rate as `parse_rate` reads it ends in `B`, so it is in bytes.
+pub fn rate_in_bytes(text: &str) -> bool {
+    text.strip_suffix("/s").unwrap_or(text).trim().ends_with('B')
+}
+
+/// Unit of a rule's rate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateUnit {
+    #[default]
+    Packets,
+    /// Frame bytes, Ethernet header included.
+    Bytes,
+}
+
+impl fmt::Display for RateUnit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RateUnit::Packets => "packets",
+            RateUnit::Bytes => "bytes",
+        })
+    }
+}
+
+/// Inner keys of a tiered rule: each source is also masked to these longer prefixes, and a
+/// packet passes only when both its key and its inner key are within their limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InnerTier {
+    /// Limit of each inner key per window, fleet-wide, in the rule's unit.
+    pub rate: u64,
+    pub ipv4_prefix_len: u8,
+    pub ipv6_prefix_len: u8,
 }
 
 /// Policy for a rule's keys while the fleet's counts are out of reach (Redis down, or the
@@ -234,15 +295,48 @@ pub struct RuleSpec {
     pub per_port: bool,
     #[serde(default)]
     pub store_down: StoreDownPolicy,
+    /// Unit of `rate`: packets, or frame bytes.
+    #[serde(default)]
+    pub unit: RateUnit,
+    /// Select only TCP connection requests: SYN set, ACK clear. Needs protocol `tcp`.
+    #[serde(default)]
+    pub tcp_syn: bool,
+    /// Inner keys with longer prefixes and their own limit, checked along with each key.
+    #[serde(default)]
+    pub inner_tier: Option<InnerTier>,
+    /// Count what the rule would drop, per key and as `passed_shadow`, but drop nothing.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 impl RuleSpec {
     /// Checks every field, returning the first that is out of range.
     pub fn validate(&self) -> Result<(), RuleError> {
-        let Self { protocol, port, rate, window_ms, ipv4_prefix_len, ipv6_prefix_len, per_port: _, store_down: _ } =
-            self;
-        if *rate == 0 {
-            return Err(RuleError::ZeroRate);
+        let Self {
+            protocol,
+            port,
+            rate,
+            window_ms,
+            ipv4_prefix_len,
+            ipv6_prefix_len,
+            per_port: _,
+            store_down: _,
+            unit,
+            tcp_syn,
+            inner_tier,
+            shadow: _,
+        } = self;
+        let inner_rate = inner_tier.map(|tier| tier.rate);
+        for rate in std::iter::once(*rate).chain(inner_rate) {
+            if rate == 0 {
+                return Err(RuleError::ZeroRate);
+            }
+            if *unit == RateUnit::Bytes && rate < MIN_BYTES_PER_WINDOW {
+                return Err(RuleError::ByteRateTooLow(rate));
+            }
+        }
+        if *tcp_syn && *protocol != Protocol::Tcp {
+            return Err(RuleError::SynWithoutTcp(*protocol));
         }
         let window_ns = window_ms.saturating_mul(1_000_000);
         if !(MIN_WINDOW_NS..=MAX_WINDOW_NS).contains(&window_ns) {
@@ -259,10 +353,28 @@ impl RuleSpec {
         {
             return Err(RuleError::PortWithoutProtocol(*port));
         }
+        if let Some(tier) = inner_tier {
+            let inside = tier.ipv4_prefix_len <= 32
+                && tier.ipv6_prefix_len <= 128
+                && tier.ipv4_prefix_len >= *ipv4_prefix_len
+                && tier.ipv6_prefix_len >= *ipv6_prefix_len;
+            let longer = tier.ipv4_prefix_len > *ipv4_prefix_len || tier.ipv6_prefix_len > *ipv6_prefix_len;
+            if !inside || !longer {
+                return Err(RuleError::InnerTierPrefix {
+                    inner_v4: tier.ipv4_prefix_len,
+                    inner_v6: tier.ipv6_prefix_len,
+                    outer_v4: *ipv4_prefix_len,
+                    outer_v6: *ipv6_prefix_len,
+                });
+            }
+        }
         Ok(())
     }
 
     pub fn rule_match(&self) -> RuleMatch {
+        if self.tcp_syn {
+            return RuleMatch::tcp_syn(self.port.unwrap_or(0));
+        }
         RuleMatch::new(self.protocol.number(), self.port.unwrap_or(0))
     }
 
@@ -270,8 +382,17 @@ impl RuleSpec {
     /// and, with an agent, its sync interval.
     pub fn to_rule(&self, id: u32, gateways: u64, sync_interval: Option<std::time::Duration>) -> Rule {
         let window_ns = self.window_ms.saturating_mul(1_000_000);
-        let fallback = fallback_limit(self.rate, gateways);
-        Rule {
+        // Both tiers derive their fallback and new-key limits from their own rate alike.
+        let local_limits = |rate: u64| {
+            let fallback = fallback_limit(rate, gateways);
+            let new_key = match sync_interval {
+                Some(interval) => new_key_limit(rate, window_ns, interval, gateways).min(fallback),
+                None => fallback,
+            };
+            (fallback, new_key)
+        };
+        let (fallback, new_key) = local_limits(self.rate);
+        let mut rule = Rule {
             id,
             ipv4_prefix_len: self.ipv4_prefix_len,
             ipv6_prefix_len: self.ipv6_prefix_len,
@@ -279,12 +400,25 @@ impl RuleSpec {
             store_down_policy: self.store_down.to_map_value(),
             limit: self.rate,
             fallback_limit: fallback,
-            new_key_limit: match sync_interval {
-                Some(interval) => new_key_limit(self.rate, window_ns, interval, gateways).min(fallback),
-                None => fallback,
-            },
+            new_key_limit: new_key,
             window_ns,
+            unit: match self.unit {
+                RateUnit::Packets => UNIT_PACKETS,
+                RateUnit::Bytes => UNIT_BYTES,
+            },
+            shadow: u8::from(self.shadow),
+            ..Rule::default()
+        };
+        if let Some(tier) = self.inner_tier {
+            let (inner_fallback, inner_new_key) = local_limits(tier.rate);
+            rule.inner_tier = 1;
+            rule.inner_ipv4_prefix_len = tier.ipv4_prefix_len;
+            rule.inner_ipv6_prefix_len = tier.ipv6_prefix_len;
+            rule.inner_limit = tier.rate;
+            rule.inner_fallback_limit = inner_fallback;
+            rule.inner_new_key_limit = inner_new_key;
         }
+        rule
     }
 
     /// Rebuilds the spec from a map entry, for rules the agent finds pinned at start.
@@ -298,14 +432,23 @@ impl RuleSpec {
             ipv6_prefix_len: rule.ipv6_prefix_len,
             per_port: rule.key_by_dst_port != 0,
             store_down: StoreDownPolicy::from_map_value(rule.store_down_policy),
+            unit: if rule.unit == UNIT_BYTES { RateUnit::Bytes } else { RateUnit::Packets },
+            tcp_syn: rule_match.tcp_syn != 0,
+            inner_tier: (rule.inner_tier != 0).then_some(InnerTier {
+                rate: rule.inner_limit,
+                ipv4_prefix_len: rule.inner_ipv4_prefix_len,
+                ipv6_prefix_len: rule.inner_ipv6_prefix_len,
+            }),
+            shadow: rule.shadow != 0,
         }
     }
 
-    /// Describes the traffic the rule selects, such as `udp port 53` or `any`.
+    /// Describes the traffic the rule selects, such as `udp port 53`, `tcp syn` or `any`.
     pub fn describe_match(&self) -> String {
+        let protocol = if self.tcp_syn { format!("{} syn", self.protocol) } else { self.protocol.to_string() };
         match self.port {
-            Some(port) => format!("{} port {port}", self.protocol),
-            None => self.protocol.to_string(),
+            Some(port) => format!("{protocol} port {port}"),
+            None => protocol,
         }
     }
 }
@@ -369,6 +512,10 @@ mod tests {
             ipv6_prefix_len: 128,
             per_port: false,
             store_down: StoreDownPolicy::Local,
+            unit: RateUnit::Packets,
+            tcp_syn: false,
+            inner_tier: None,
+            shadow: false,
         }
     }
 
@@ -482,6 +629,83 @@ mod tests {
         assert_eq!(max_over_admission(1000, second, tick, 2), 100);
         assert_eq!(max_over_admission(1000, second, tick, 3), 134);
         assert_eq!(max_over_admission(1000, second, None, 3), 0);
+    }
+
+    #[test]
+    fn rate_parses_multipliers_and_bytes() {
+        assert_eq!(parse_rate("1MB/s"), Ok(Rate::PerSecond(1_000_000)));
+        assert_eq!(parse_rate("500KB"), Ok(Rate::PerWindow(500_000)));
+        assert_eq!(parse_rate("2k/s"), Ok(Rate::PerSecond(2_000)));
+        assert_eq!(parse_rate("1MiB/s"), Ok(Rate::PerSecond(1 << 20)));
+        assert_eq!(parse_rate("3G"), Ok(Rate::PerWindow(3_000_000_000)));
+        assert_eq!(parse_rate("0MB"), Err(RuleError::ZeroRate));
+        assert_eq!(parse_rate("1TB"), Err(RuleError::Rate("1TB".into())));
+        assert_eq!(parse_rate("MB"), Err(RuleError::Rate("MB".into())));
+        assert_eq!(parse_rate("99999999999G"), Err(RuleError::Rate("99999999999G".into())));
+        assert!(rate_in_bytes("1MB/s"));
+        assert!(rate_in_bytes("1500B"));
+        assert!(!rate_in_bytes("1M/s"));
+    }
+
+    #[test]
+    fn validate_rejects_bad_kinds() {
+        let tcp = RuleSpec { protocol: Protocol::Tcp, port: None, ..spec() };
+        assert_eq!(RuleSpec { tcp_syn: true, ..tcp.clone() }.validate(), Ok(()));
+        assert_eq!(
+            RuleSpec { tcp_syn: true, ..spec() }.validate(),
+            Err(RuleError::SynWithoutTcp(Protocol::Udp))
+        );
+        assert_eq!(
+            RuleSpec { unit: RateUnit::Bytes, rate: 1000, ..spec() }.validate(),
+            Err(RuleError::ByteRateTooLow(1000))
+        );
+        assert_eq!(RuleSpec { unit: RateUnit::Bytes, rate: 1514, ..spec() }.validate(), Ok(()));
+
+        let outer = RuleSpec { ipv4_prefix_len: 24, ipv6_prefix_len: 64, ..spec() };
+        let tier = |rate, ipv4_prefix_len, ipv6_prefix_len| Some(InnerTier { rate, ipv4_prefix_len, ipv6_prefix_len });
+        assert_eq!(RuleSpec { inner_tier: tier(60, 32, 128), ..outer.clone() }.validate(), Ok(()));
+        assert_eq!(RuleSpec { inner_tier: tier(60, 24, 128), ..outer.clone() }.validate(), Ok(()));
+        assert_eq!(RuleSpec { inner_tier: tier(0, 32, 128), ..outer.clone() }.validate(), Err(RuleError::ZeroRate));
+        let not_inside = RuleError::InnerTierPrefix { inner_v4: 16, inner_v6: 128, outer_v4: 24, outer_v6: 64 };
+        assert_eq!(RuleSpec { inner_tier: tier(60, 16, 128), ..outer.clone() }.validate(), Err(not_inside));
+        let not_longer = RuleError::InnerTierPrefix { inner_v4: 24, inner_v6: 64, outer_v4: 24, outer_v6: 64 };
+        assert_eq!(RuleSpec { inner_tier: tier(60, 24, 64), ..outer.clone() }.validate(), Err(not_longer));
+        let too_long = RuleError::InnerTierPrefix { inner_v4: 33, inner_v6: 128, outer_v4: 24, outer_v6: 64 };
+        assert_eq!(RuleSpec { inner_tier: tier(60, 33, 128), ..outer }.validate(), Err(too_long));
+    }
+
+    #[test]
+    fn new_kinds_round_trip_through_map_entry() {
+        let spec = RuleSpec {
+            protocol: Protocol::Tcp,
+            port: Some(22),
+            rate: 1_000_000,
+            ipv4_prefix_len: 24,
+            ipv6_prefix_len: 64,
+            unit: RateUnit::Bytes,
+            tcp_syn: true,
+            inner_tier: Some(InnerTier { rate: 200_000, ipv4_prefix_len: 32, ipv6_prefix_len: 128 }),
+            shadow: true,
+            ..spec()
+        };
+        assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(spec.rule_match(), RuleMatch::tcp_syn(22));
+        assert_eq!(spec.describe_match(), "tcp syn port 22");
+
+        let rule = spec.to_rule(5, 2, Some(Duration::from_millis(100)));
+        assert_eq!((rule.unit, rule.shadow, rule.inner_tier), (UNIT_BYTES, 1, 1));
+        assert_eq!((rule.limit, rule.fallback_limit, rule.new_key_limit), (1_000_000, 500_000, 100_000));
+        // Two 100 ms ticks of 200,000 per second is 40,000, half of it per gateway.
+        assert_eq!((rule.inner_limit, rule.inner_fallback_limit, rule.inner_new_key_limit), (200_000, 100_000, 20_000));
+        assert_eq!(RuleSpec::from_rule(&spec.rule_match(), &rule), spec);
+    }
+
+    #[test]
+    fn spec_without_new_fields_still_parses() {
+        let json = r#"{"protocol":"udp","port":53,"rate":100,"window_ms":1000,"ipv4_prefix_len":32,
+            "ipv6_prefix_len":128,"per_port":false}"#;
+        let parsed: RuleSpec = serde_json::from_str(json).expect("a spec written before rule kinds existed");
+        assert_eq!(parsed, spec());
     }
 
     #[test]

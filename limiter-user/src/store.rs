@@ -503,7 +503,7 @@ impl Store {
     /// Runs a script within the call budget: EVALSHA, and on NOSCRIPT (a restarted or
     /// failed-over node, or `SCRIPT FLUSH`) SCRIPT LOAD and EVALSHA once more, counting the
     /// reload.
-    async fn invoke<T: FromRedisValue>(&self, script: &Script, command: &redis::Cmd) -> Result<T, StoreError> {
+    pub(crate) async fn invoke<T: FromRedisValue>(&self, script: &Script, command: &redis::Cmd) -> Result<T, StoreError> {
         let budget = self.call_budget();
         let mut generation = None;
         let call = async {
@@ -581,7 +581,7 @@ impl Store {
 
 /// Returns `EVALSHA sha numkeys keys...` for `script`; the caller appends ARGV. The cluster
 /// client routes it by its first key.
-fn evalsha_command(script: &Script, keys: &[impl AsRef<str>]) -> redis::Cmd {
+pub(crate) fn evalsha_command(script: &Script, keys: &[impl AsRef<str>]) -> redis::Cmd {
     let mut command = redis::cmd("EVALSHA");
     command.arg(script.get_hash()).arg(keys.len());
     for key in keys {

@@ -71,9 +71,9 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
 }
 
 /// Reports the running test `test` as skipped because of `reason`, such as a kernel
-/// feature it needs and the kernel lacks; the test returns right after. The line goes to
-/// standard error directly, past the test harness's output capture, so `cargo test` shows it
-/// for a test that passes, and `cargo xtask vm-test` counts the test as skipped.
+/// feature that it needs and the kernel lacks. The test returns right after. The line goes
+/// to standard error directly, past the test harness's output capture, so `cargo test`
+/// shows it even for a test that passes. `cargo xtask vm-test` counts the test as skipped.
 pub fn skip(test: &str, reason: &str) {
     let _ = writeln!(std::io::stderr(), "limiter-tests: skipped: {test}: {reason}");
 }
@@ -261,6 +261,10 @@ fn is_complete(reply: &[u8]) -> bool {
     let text = String::from_utf8_lossy(reply);
     if let Some(rest) = text.strip_prefix('$') {
         let Some((length, body)) = rest.split_once("\r\n") else { return false };
+        // "$-1" is a nil reply, complete with its line.
+        if length == "-1" {
+            return true;
+        }
         return length.parse::<usize>().is_ok_and(|length| body.len() >= length + 2);
     }
     text.ends_with("\r\n")

@@ -182,6 +182,12 @@ pub const ETHERTYPE_VLAN: u16 = 0x8100;
 pub const ETHERTYPE_QINQ: u16 = 0x88A8;
 
 pub const IPPROTO_SCTP: u8 = 132;
+
+/// TCP flags (RFC 9293, 3.1).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 /// IPv6 "No Next Header", written as the protocol of a frame built without a transport.
 pub const IPPROTO_NONE: u8 = 59;
 
@@ -252,7 +258,8 @@ impl Ipv6Extension {
 #[derive(Clone, Debug)]
 enum Transport {
     Udp { src_port: u16, dst_port: u16 },
-    Tcp { src_port: u16, dst_port: u16 },
+    /// `flags` is the TCP flags byte, such as [`TCP_SYN`].
+    Tcp { src_port: u16, dst_port: u16, flags: u8 },
     /// Any other protocol, followed by `payload`.
     Other { protocol: u8, payload: Vec<u8> },
 }
@@ -274,12 +281,12 @@ impl Transport {
                 bytes.extend_from_slice(&(UDP_LEN as u16).to_be_bytes());
                 bytes.extend_from_slice(&[0, 0]); // checksum
             }
-            Transport::Tcp { src_port, dst_port } => {
+            Transport::Tcp { src_port, dst_port, flags } => {
                 bytes.extend_from_slice(&src_port.to_be_bytes());
                 bytes.extend_from_slice(&dst_port.to_be_bytes());
                 bytes.extend_from_slice(&1u32.to_be_bytes()); // sequence number
                 bytes.extend_from_slice(&0u32.to_be_bytes()); // acknowledgment number
-                bytes.extend_from_slice(&[5 << 4, 0x02]); // data offset 5 words, SYN
+                bytes.extend_from_slice(&[5 << 4, *flags]); // data offset 5 words, flags
                 bytes.extend_from_slice(&0xffffu16.to_be_bytes()); // window
                 bytes.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
             }
@@ -321,6 +328,8 @@ pub struct Frame {
     vlan_tags: Vec<u16>,
     network: Network,
     transport: Transport,
+    /// Zero bytes after the transport header.
+    payload_len: usize,
 }
 
 impl Frame {
@@ -346,6 +355,7 @@ impl Frame {
             vlan_tags: Vec::new(),
             network,
             transport: Transport::Other { protocol: IPPROTO_NONE, payload: Vec::new() },
+            payload_len: 0,
         }
     }
 
@@ -402,8 +412,20 @@ impl Frame {
         self
     }
 
-    pub fn tcp(mut self, src_port: u16, dst_port: u16) -> Self {
-        self.transport = Transport::Tcp { src_port, dst_port };
+    /// Carries a TCP SYN segment.
+    pub fn tcp(self, src_port: u16, dst_port: u16) -> Self {
+        self.tcp_with_flags(src_port, dst_port, TCP_SYN)
+    }
+
+    /// Carries a TCP segment with the flags byte `flags`, such as `TCP_SYN | TCP_ACK`.
+    pub fn tcp_with_flags(mut self, src_port: u16, dst_port: u16, flags: u8) -> Self {
+        self.transport = Transport::Tcp { src_port, dst_port, flags };
+        self
+    }
+
+    /// Appends `len` zero bytes after the transport header, counted in the IP lengths.
+    pub fn payload(mut self, len: usize) -> Self {
+        self.payload_len = len;
         self
     }
 
@@ -430,6 +452,7 @@ impl Frame {
                 let header_len = usize::from(*ihl).max(5) * 4;
                 let mut transport = Vec::new();
                 self.transport.write(&mut transport);
+                transport.resize(transport.len() + self.payload_len, 0);
                 let real_length = u16::try_from(header_len + transport.len()).expect("IPv4 packet under 64 KiB");
                 let flags_and_offset = (u16::from(*more_fragments) << 13) | fragment_offset;
 
@@ -454,6 +477,7 @@ impl Frame {
                     extension.write(next_header, &mut payload);
                 }
                 self.transport.write(&mut payload);
+                payload.resize(payload.len() + self.payload_len, 0);
                 let first_header = match extensions.first() {
                     Some(first) => first.next_header_value(),
                     None => self.transport.protocol(),

@@ -29,6 +29,7 @@ fn counter(index: u32, cpu: usize) -> KeyCounter {
         offered: base + 7,
         passed: base,
         fallback_window: SlidingWindow { window_id: base + 1, current: base + 2, previous: base + 3 },
+        would_drop: base + 4,
     }
 }
 

@@ -46,6 +46,17 @@ fn invalid_input_fails_with_one_line() {
         (&["agent", "--iface", iface, "--redis", &redis.url()], "another agent is already running"),
         (&["detach", "--iface", iface], "an agent is running on"),
         (&["attach", "--iface", no_agent_iface], "interface lmnoagent0 not found"),
+        (&["explain", "--iface", iface, "udp 192.0.2.1 -> 198.51.100.7"], "missing destination port"),
+        (&["explain", "--iface", iface, "sctp 192.0.2.1 -> 198.51.100.7"], "invalid protocol \"sctp\""),
+        (&["explain", "--iface", iface, "--hex", "0x123"], "invalid hex frame"),
+        (&["explain", "--iface", no_agent_iface, "icmp 192.0.2.1 -> 198.51.100.7"], "no limiter is attached to lmnoagent0"),
+        (&["top", "--iface", iface, "--interval", "10ms"], "invalid interval \"10ms\""),
+        (&["top", "--iface", no_agent_iface], "no limiter is attached to lmnoagent0"),
+        (&["agent", "--iface", iface, "--redis", &redis.url(), "--metrics-addr", "localhost"], "invalid value 'localhost'"),
+        (
+            &["agent", "--iface", iface, "--redis", &redis.url(), "--metrics-addr", &format!("127.0.0.1:{}", redis.port)],
+            "failed to bind the metrics address",
+        ),
     ];
     for (args, expected) in cases {
         let (code, stderr) = run_limiter(args);

@@ -7,7 +7,7 @@ use limiter_tests::{
     Agent, Netns, RedisServer, VethPair, free_port, subnet_addr, unique_subnet, wait_until,
     traffic::{Source, run_traffic},
 };
-use limiter_user::store::GATEWAYS_KEY;
+use limiter_user::{rule_sync::RULE_SET_KEY, store::GATEWAYS_KEY};
 
 #[test]
 fn store_keys_expire_after_traffic() {
@@ -27,11 +27,15 @@ fn store_keys_expire_after_traffic() {
     let keys_during = redis.command("DBSIZE");
     assert!(integer(&keys_during) > 1, "the traffic wrote no window or lease keys: DBSIZE {keys_during:?}");
 
-    // Window hashes and leases live three windows (3 s here); only the live agent's
-    // heartbeat set should remain after that.
-    wait_until("every key but the heartbeat set to expire", Duration::from_secs(6), || integer(&redis.command("DBSIZE")) == 1);
+    // Window hashes and leases live three windows (3 s here). Only the live agent's
+    // heartbeat set and the fleet's rule set, which is configuration and never expires,
+    // should remain after that.
+    wait_until("every key but the heartbeat and rule sets to expire", Duration::from_secs(6), || {
+        integer(&redis.command("DBSIZE")) == 2
+    });
     let remaining = redis.command("KEYS *");
-    assert!(remaining.contains(GATEWAYS_KEY), "the remaining key is the heartbeat set: {remaining:?}");
+    assert!(remaining.contains(GATEWAYS_KEY), "the heartbeat set remains: {remaining:?}");
+    assert!(remaining.contains(RULE_SET_KEY), "the rule set remains: {remaining:?}");
 }
 
 /// Parses an inline integer reply such as `:3\r\n`.

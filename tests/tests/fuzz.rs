@@ -97,6 +97,7 @@ fn parser_agrees_with_etherparse_reference() {
     let mut stats = datapath.reason_counts();
     let mut tally = [0u64; REASON_COUNT as usize];
     let mut disagreements = Vec::new();
+    let mut user_space_disagreements = Vec::new();
     let mut ran = 0;
     for index in 0..frames {
         if started.elapsed() > MAX_RUN_TIME {
@@ -105,6 +106,11 @@ fn parser_agrees_with_etherparse_reference() {
         }
         let frame = generate_frame(seed, index);
         let expected = reference_outcome(&frame);
+        // `limiter explain --hex` parses frames in user space, which must agree as well.
+        let user_space = user_space_outcome(&frame);
+        if user_space != expected && user_space_disagreements.len() < MAX_REPORTED_DISAGREEMENTS {
+            user_space_disagreements.push(Disagreement { index, frame: frame.clone(), expected: expected.clone(), actual: user_space });
+        }
         let actual = datapath.run_and_observe(&frame, &mut stats);
         ran += 1;
         if let Some(reason) = actual.reason {
@@ -137,6 +143,13 @@ fn parser_agrees_with_etherparse_reference() {
         disagreements.is_empty(),
         "{} frames (of {ran}, seed {seed}) where the program and the reference disagree, listed above",
         disagreements.len()
+    );
+    for disagreement in &user_space_disagreements {
+        println!("user-space parser {}", disagreement.describe(seed));
+    }
+    assert!(
+        user_space_disagreements.is_empty(),
+        "frames (seed {seed}) where limiter_user::packet::parse_frame and the reference disagree, listed above"
     );
     if ran >= MIN_FRAMES_FOR_COVERAGE {
         for reason in COVERED_REASONS {
@@ -351,6 +364,7 @@ fn any_port_rule() -> Rule {
         fallback_limit: NEVER_REACHED_LIMIT,
         new_key_limit: NEVER_REACHED_LIMIT,
         window_ns: MAX_WINDOW_NS,
+        ..Rule::default()
     }
 }
 
@@ -375,6 +389,25 @@ fn reference_outcome(frame: &[u8]) -> Outcome {
                 family: packet.family,
                 prefix_len: if packet.family == FAMILY_IPV4 { 32 } else { 128 },
                 addr: packet.src_addr,
+            };
+            Outcome { reason: Some(Reason::Passed), key: Some(key), anomaly: None }
+        }
+        Err(reason) => Outcome::from_reason(reason),
+    }
+}
+
+/// Returns the outcome the user-space parser of `limiter explain --hex` derives for `frame`
+/// under the rules of `Datapath::add_protocol_rules`.
+fn user_space_outcome(frame: &[u8]) -> Outcome {
+    match limiter_user::packet::parse_frame(frame) {
+        Ok(fields) => {
+            let family = fields.family();
+            let key = FlowKey {
+                rule_id: protocol_rule_id(fields.protocol),
+                dst_port: fields.dst_port,
+                family,
+                prefix_len: if family == FAMILY_IPV4 { 32 } else { 128 },
+                addr: fields.src_bytes(),
             };
             Outcome { reason: Some(Reason::Passed), key: Some(key), anomaly: None }
         }

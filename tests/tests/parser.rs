@@ -159,6 +159,7 @@ fn rule(id: u32, fallback_limit: u64) -> Rule {
         new_key_limit: fallback_limit,
         // The maximum window, so that a burst almost never straddles two windows.
         window_ns: MAX_WINDOW_NS,
+        ..Rule::default()
     }
 }
 
@@ -875,6 +876,10 @@ fn rule_index_keeps_every_rule_found() {
         ipv6_prefix_len: 128,
         per_port: false,
         store_down: StoreDownPolicy::Local,
+        unit: limiter_user::rules::RateUnit::Packets,
+        tcp_syn: false,
+        inner_tier: None,
+        shadow: false,
     };
     // Through the rule table, as `limiter limit add` does, which keeps RULE_INDEX.
     let mut table = RuleTable::load(&datapath.maps).expect("read RULES");
