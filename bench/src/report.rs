@@ -160,8 +160,8 @@ fn render_xdp(xdp: &XdpCost, out: &mut String) {
         "**Many keys.** BPF_PROG_TEST_RUN repeats a single frame, so {} distinct sources (10.0.0.1 upwards) \
          take one call each, with `repeat = 1`. A first pass creates every key (\"new key\"). A second pass \
          runs every key again in a map that holds them all (\"known key\"). Each figure is the mean of the \
-         kernel's durations over the pass. The limiter's maps and `xdp-count`'s map are sized for 1,048,576 \
-         keys. With one repetition per call, each duration also contains the kernel's clock reads around the \
+         kernel's durations over the pass. The limiter's maps and `xdp-count`'s map both keep an LRU list per \
+         CPU, each sized for 1,048,576 keys, since every run is on one CPU. With one repetition per call, each duration also contains the kernel's clock reads around the \
          run; `xdp-drop` measures that floor, so the ratio above the floor is given too.\n",
         xdp.distinct_keys
     );
