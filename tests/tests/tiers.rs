@@ -38,6 +38,8 @@ fn run_tiered(prefix_rate: &str, address_rate: &str, rates: &[u64]) -> Vec<Vec<u
     for addr in &source_addrs {
         println!("tiers: source={addr} sent={} received per second={:?}", report.sent[addr], report.received_per_second[addr]);
     }
+    // The verdict counters, to tell a drop by the limiter from a loss elsewhere if a check fails.
+    println!("tiers: verdicts {}", Agent::cli(&["stats", "--iface", &veth.host, "--json"]).replace('\n', " "));
     source_addrs.iter().map(|addr| report.received_per_second[addr].clone()).collect()
 }
 
