@@ -226,7 +226,7 @@ fn write_outputs(workspace: &Path, output_dir: &Path, report: &Report) -> anyhow
         markdown_path.display()
     );
 
-    // docs/ holds the page of a full run only: a quick run or a subset of the parts would
+    // docs/ contains the page of a full run only: a quick run or a subset of the parts would
     // replace the committed figures with fewer of them.
     if report.scale.is_some_and(|scale| scale.quick) || !report.skipped.is_empty() {
         return Ok(());

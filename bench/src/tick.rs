@@ -92,8 +92,8 @@ pub async fn run(scale: &Scale) -> anyhow::Result<TickCost> {
 
 async fn run_one(keys: u32) -> anyhow::Result<TickRun> {
     // Step 1: the program and its maps. COUNTERS keeps an LRU list per CPU, each with an
-    // equal part of the map, and the keys written here all go to the list of the CPU that
-    // writes them, so every CPU's part has room for `keys` and a quarter more.
+    // equal part of the map. The keys written here all go to the list of the writing CPU,
+    // so every CPU's part has room for `keys` and a quarter more.
     let pins = PinDir::new();
     let cpus = batch::possible_cpus()?;
     let max_keys = keys

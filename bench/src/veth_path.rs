@@ -21,7 +21,7 @@
 
 use std::{
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -35,6 +35,7 @@ use aya::{
 use limiter_common::{Reason, Rule, RuleMatch};
 use limiter_tests::{
     Netns, PinDir,
+    flood::{packet_socket, set_ipv4_source},
     test_run::Frame,
     traffic::{enter_netns, pin_to_cpu},
     unique_name,
@@ -330,7 +331,7 @@ fn send_flood(
     let sender = thread::spawn(move || -> anyhow::Result<(u64, u64, Duration)> {
         enter_netns(&sender_path);
         pin_to_cpu(SENDER_CPU);
-        let socket = packet_socket(&sender_if)?;
+        let socket = packet_socket(&sender_if);
         let started = Instant::now();
         let mut sent = 0u64;
         let mut failures = 0u64;
@@ -359,58 +360,11 @@ fn build_frames() -> Vec<Vec<u8>> {
             let source = Ipv4Addr::from(0x0a01_0000u32 + index);
             let mut frame = Frame::ipv4(source, RECEIVER_ADDR).udp(40_000, 9).build();
             frame[..6].copy_from_slice(&RECEIVER_MAC);
-            let checksum = ipv4_header_checksum(&frame[14..34]);
-            frame[24..26].copy_from_slice(&checksum.to_be_bytes());
+            // Sets the source again only to fill in the header checksum.
+            set_ipv4_source(&mut frame, source);
             frame
         })
         .collect()
-}
-
-/// Returns the RFC 791 checksum of an IPv4 header whose checksum field is zero.
-fn ipv4_header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// Opens an AF_PACKET socket bound to `iface` in the calling thread's namespace.
-fn packet_socket(iface: &str) -> anyhow::Result<OwnedFd> {
-    let index = datapath::interface_index(iface)?;
-    // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        bail!(
-            "socket(AF_PACKET) failed: {}; the benchmark must run as root",
-            std::io::Error::last_os_error()
-        );
-    }
-    // SAFETY: `fd` is a new, valid descriptor that nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: `sockaddr_ll` is plain data; zeroed is a valid value.
-    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    address.sll_family = libc::AF_PACKET as u16;
-    address.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-    address.sll_ifindex = index as i32;
-    // SAFETY: `address` is a valid sockaddr_ll and its size is passed along.
-    let result = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&address as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if result != 0 {
-        bail!(
-            "bind(AF_PACKET) to {iface} failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(socket)
 }
 
 fn install_nftables(netns: &str, iface: &str) -> anyhow::Result<()> {

@@ -39,12 +39,12 @@ static XDP_DROP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 static XDP_COUNT_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-count"));
 
-/// Keys one CPU's LRU list holds in the limiter's key maps and in `xdp-count`'s map: 2^20,
+/// Keys one CPU's LRU list can contain in the limiter's key maps and in `xdp-count`'s map: 2^20,
 /// so the million keys of the many-keys runs, all on `BENCH_CPU`, fit. Both maps keep a
 /// list per CPU, each with an equal part of the map, so the maps are this times the CPUs.
 const MAX_KEYS_PER_CPU: u32 = 1_048_576;
 
-/// Entries of a map whose every CPU holds [`MAX_KEYS_PER_CPU`].
+/// Entries of a map whose every CPU can contain [`MAX_KEYS_PER_CPU`].
 fn map_entries() -> anyhow::Result<u32> {
     let cpus = limiter_user::batch::possible_cpus()? as u32;
     Ok(MAX_KEYS_PER_CPU.saturating_mul(cpus))

@@ -34,9 +34,9 @@ static RULES: HashMap<RuleMatch, Rule> = HashMap::pinned(MAX_RULES, 0);
 ///
 /// Each CPU keeps its own LRU list (`BPF_F_NO_COMMON_LRU`), with an equal part of the
 /// entries. With one common list, a CPU short of free entries takes them from the entries
-/// other CPUs created recently, ignoring whether they are in use: a flood of spoofed
-/// sources on one CPU then evicts a heavy source's key on another, over and over, and each
-/// new entry starts its windows afresh. With a list per CPU, a flood evicts only keys its
+/// other CPUs created recently, whether they are in use or not. A flood of spoofed sources
+/// on one CPU then evicts a heavy source's key on another again and again, and each new
+/// entry starts its windows afresh. With a list per CPU, a flood evicts only keys its
 /// own CPUs created and left unused the longest.
 #[map]
 static COUNTERS: LruPerCpuHashMap<FlowKey, KeyCounter> =
@@ -345,9 +345,9 @@ fn flow_key(rule_id: u32, ipv4_prefix_len: u8, ipv6_prefix_len: u8, rule: &Rule,
 /// Clears every bit of `addr` after the first `prefix_len`.
 #[inline(always)]
 fn mask_address(addr: &mut [u8; 16], prefix_len: u8) {
-    // A table lookup, not a branch per byte on the prefix length: each such branch splits
-    // the verifier's state by the length's range, once for every parse path, and Linux 6.1
-    // then gives up at its limit of one million instructions.
+    // A table lookup, not a branch per byte on the prefix length. Each such branch splits
+    // the verifier's state by the length's range, once for every parse path, so Linux 6.1
+    // gives up at its limit of one million instructions.
     let mask = &PREFIX_MASKS[(prefix_len as usize).min(128)];
     for (byte, mask) in addr.iter_mut().zip(mask) {
         *byte &= *mask;
@@ -383,7 +383,7 @@ fn find_or_insert_counter(key: &FlowKey) -> Option<*mut KeyCounter> {
     if COUNTERS.insert(key, &KeyCounter::default(), BPF_NOEXIST as u64).is_ok() {
         // The LRU map may have evicted an earlier entry of this key whose grant is still
         // there. That grant is a ceiling on the old counts, which the new entry restarts
-        // from zero, so it would pass a grant's worth again and again; the key starts over
+        // from zero, so it would pass a grant's worth again and again. The key starts over
         // as a new one instead.
         let _ = GRANTS.remove(key);
     }

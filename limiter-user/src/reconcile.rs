@@ -442,8 +442,8 @@ impl Reconciler {
     }
 
     /// Moves the baselines of keys whose sync call may have been applied past their deltas,
-    /// so they are applied at most once, and keeps each key's estimate no lower than this
-    /// gateway's own passes for a window, in case the call never ran.
+    /// so each delta is applied at most once. For a window, each key's estimate is kept no
+    /// lower than this gateway's own passes, in case the call never ran.
     fn forget_deltas(&mut self, chunk: Vec<PendingKey>, now_local: u64) {
         for pending in chunk {
             let history = self.histories.entry(pending.key).or_default();

@@ -177,7 +177,7 @@ impl RuleTable {
 
     fn checked_rule_set(&self, desired: &[(u32, RuleSpec)]) -> anyhow::Result<BTreeMap<RuleMatch, Rule>> {
         if desired.len() > MAX_RULES as usize {
-            bail!("too many rules ({}): the rule table holds at most {MAX_RULES}", desired.len());
+            bail!("too many rules ({}): the rule table takes at most {MAX_RULES}; remove rules or merge them", desired.len());
         }
         let mut after = BTreeMap::new();
         let mut ids = std::collections::HashSet::new();

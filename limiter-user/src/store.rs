@@ -323,7 +323,7 @@ enum Backend {
     /// A Redis Cluster. The redis crate routes each EVALSHA to the node owning the slot of
     /// its first key, follows MOVED and ASK, and sends SCRIPT LOAD to every node.
     // NOTE: unlike the single server's, the cluster connection is kept after timeouts, so a
-    // node whose packets were dropped for a while may answer again only at TCP's next
+    // node whose packets were dropped for a while may reply again only at TCP's next
     // retransmission. No test covers a black-holed cluster node.
     Cluster { client: ClusterClient, connection: tokio::sync::OnceCell<ClusterConnection> },
 }

@@ -137,7 +137,7 @@ impl Drop for IsolatedGateway {
     }
 }
 
-/// Returns a command that runs `program` in the network namespace `netns` only; it keeps
+/// Returns a command that runs `program` in the network namespace `netns` only. It keeps
 /// the test's mounts, so /sys/fs/bpf and /run are the ones the test uses.
 fn in_netns_command(netns: &str, program: &str) -> Command {
     let mut command = Command::new("nsenter");

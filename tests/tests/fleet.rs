@@ -77,8 +77,8 @@ fn two_gateways_under_limit_each_converge() {
 
     // NOTE: the target is 100 +-2, which this does not always meet. Each gateway takes its
     // share of what the other's lease leaves, and how much of that lease still counts
-    // depends on the phase between the two agents' ticks. Most runs pass 96-100 per second;
-    // in about one run of ten the phase holds the pair at 92-96 for the whole run. A lease
+    // depends on the phase between the two agents' ticks. Most runs pass 96-100 per second.
+    // In about one run of ten, the phase keeps the pair at 92-96 for the whole run. A lease
     // is the whole grant, more than a gateway under its share spends; leasing only the
     // expected spend was tried and made the move in three_gateways_hold_limit_as_traffic_moves
     // overshoot (126 in one tick against 100). The check allows 90-102.
